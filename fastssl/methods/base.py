@@ -1,0 +1,53 @@
+"""What the training loop knows about a method: forward -> LossOutput, then after_step."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fastssl.registry import Registry
+
+from pipelines.base import ViewBatch
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, the one the optimiser minimises
+    logs: dict[str, torch.Tensor | float] = field(default_factory=dict)  # extra scalars for metrics.jsonl
+
+
+class Method(nn.Module):
+    """A self-supervised method.
+
+    `forward` is pure: it computes the loss of one batch. Side effects that must follow the optimiser
+    step (momentum encoder update, queue write, momentum schedule) happen in `after_step`, which the loop
+    calls with the step just finished.
+    """
+
+    encoder: nn.Module  # the backbone whose features are evaluated (kNN, linear probe)
+
+    def forward(self, batch: ViewBatch) -> LossOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        pass
+
+
+# name -> builder(cfg: Config) -> Method
+METHODS: Registry = Registry("method")
+
+_MODULES = ("simclr", "mocov2", "mocov3")
+
+
+def build_method(cfg) -> Method:
+    for name in _MODULES:  # importing registers the method; a missing module is simply not offered
+        try:
+            importlib.import_module(f"fastssl.methods.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"fastssl.methods.{name}":
+                raise
+    return METHODS.get(cfg.method.name)(cfg)

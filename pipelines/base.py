@@ -1,0 +1,79 @@
+"""The loader protocol every backend implements, and the sharding rule they all share."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from fastssl.registry import Registry
+
+
+@dataclass
+class ViewBatch:
+    """What a backend hands the method: augmented views already on the training device."""
+
+    views: tuple[torch.Tensor, ...]  # each N x C x H x W, float, normalised
+    labels: torch.Tensor  # N, int64 (class index; never used by the self-supervised loss)
+    indices: torch.Tensor  # N, int64 dataset indices (for tests and kNN bookkeeping)
+
+
+@dataclass(frozen=True)
+class LoaderContext:
+    """Where this process sits: accelerate's process index / count and the training device."""
+
+    device: torch.device
+    process_index: int = 0
+    num_processes: int = 1
+    seed: int = 0
+
+
+class ViewLoader(Protocol):
+    def __iter__(self) -> Iterator[ViewBatch]: ...
+
+    def __len__(self) -> int: ...  # batches per epoch (identical on every process)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...  # start_batch: resume mid-epoch
+
+
+# name -> builder(data_cfg: DataConfig, spec: AugmentSpec, ctx: LoaderContext) -> ViewLoader
+BACKENDS: Registry = Registry("data backend")
+
+
+def steps_per_epoch(num_samples: int, global_batch: int, drop_last: bool) -> int:
+    return num_samples // global_batch if drop_last else -(-num_samples // global_batch)
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The global sample order of an epoch: identical on every process (same seed, same epoch)."""
+    if not shuffle:
+        return np.arange(num_samples)
+    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_samples)
+
+
+def shard_batches(num_samples: int, global_batch: int, seed: int, epoch: int, process_index: int,
+                  num_processes: int, drop_last: bool = True, shuffle: bool = True) -> list[np.ndarray]:
+    """Dataset indices of this process's batches for one epoch.
+
+    Global batch s is order[s*G:(s+1)*G]; process r takes its r-th contiguous chunk, so concatenating the
+    processes' batches in rank order gives the global batch (what the distributed tests compare against).
+    Without drop_last the last global batch is short and split as evenly as possible.
+    """
+    order = epoch_order(num_samples, seed, epoch, shuffle)
+    batches = []
+    for s in range(steps_per_epoch(num_samples, global_batch, drop_last)):
+        g = order[s * global_batch:(s + 1) * global_batch]
+        batches.append(np.array_split(g, num_processes)[process_index])
+    return batches
+
+
+def batch_seed(seed: int, epoch: int, step: int, process_index: int) -> int:
+    """Seed of the augmentation randomness of one batch on one process.
+
+    Derived, not stateful, so a resumed run draws the same views as an uninterrupted one and ranks draw
+    independent views.
+    """
+    return int(np.random.SeedSequence([seed, epoch, step, process_index]).generate_state(1, np.uint64)[0] >> 1)
