@@ -77,3 +77,20 @@ def batch_seed(seed: int, epoch: int, step: int, process_index: int) -> int:
     independent views.
     """
     return int(np.random.SeedSequence([seed, epoch, step, process_index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+_BACKEND_MODULES = {"torch": "pipelines.torch", "dali": "pipelines.dali", "ffcv": "pipelines.ffcv"}
+
+
+def build_loader(data_cfg, spec, ctx: LoaderContext) -> ViewLoader:
+    """Import the backend's module (it registers itself) and build its loader."""
+    import importlib
+
+    module = _BACKEND_MODULES.get(data_cfg.backend)
+    if module is not None:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+    return BACKENDS.get(data_cfg.backend)(data_cfg, spec, ctx)

@@ -1,0 +1,117 @@
+"""Checkpoints: accelerate's save_state written atomically, plus a portable encoder file for evaluation.
+
+Layout: RUN_DIR/checkpoints/step_00000100/ holds accelerate's state (model, optimiser, RNG, registered
+objects) and encoder.pt ({"encoder": state_dict, "config": resolved config dict, "step": int}). A checkpoint
+is written as .tmp-step_... and renamed into place only when complete, then `latest` is replaced
+atomically, so a crash while saving leaves the previous checkpoint as the one resume uses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from fastssl.errors import UserError
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+ENCODER_FILE = "encoder.pt"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    ckpt = Path(run_dir) / "checkpoints"
+    if not ckpt.is_dir():
+        return []
+    return sorted(p for p in ckpt.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    ckpt = Path(run_dir) / "checkpoints"
+    pointer = ckpt / "latest"
+    if pointer.is_file():
+        p = ckpt / pointer.read_text().strip()
+        if p.is_dir():
+            return p
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, encoder: torch.nn.Module,
+                    config_dict: dict, keep: int = 2) -> Path:
+    ckpt = Path(run_dir) / "checkpoints"
+    final = ckpt / f"step_{step:08d}"
+    tmp = ckpt / f".tmp-step_{step:08d}"
+    if accelerator.is_main_process:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=False)
+        if accelerator.is_main_process:
+            torch.save({"encoder": encoder.state_dict(), "config": config_dict, "step": step}, tmp / ENCODER_FILE)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if final.exists():  # re-saving a step (e.g. end of run right after a periodic save)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _write_atomic(ckpt / "latest", final.name + "\n")
+            for old in list_checkpoints(run_dir)[:-max(1, keep)]:
+                shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _find_encoder_file(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint {str(p)!r} does not exist; expected a run directory, a checkpoint "
+                        f"directory or an {ENCODER_FILE} file")
+    if p.is_file():
+        return p
+    if (p / ENCODER_FILE).is_file():
+        return p / ENCODER_FILE
+    latest = latest_checkpoint(p)
+    if latest is not None and (latest / ENCODER_FILE).is_file():
+        return latest / ENCODER_FILE
+    raise UserError(f"no checkpoint found in {str(p)!r}; expected RUN_DIR/checkpoints/step_*/{ENCODER_FILE}")
+
+
+def load_encoder_checkpoint(path: str | os.PathLike) -> dict:
+    """The saved encoder file as a dict: {"encoder": state_dict, "config": dict, "step": int}."""
+    f = _find_encoder_file(path)
+    try:
+        ckpt = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which file and why, not a pickle traceback
+        raise UserError(f"cannot read checkpoint {str(f)!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not isinstance(ckpt, dict) or not {"encoder", "config"} <= set(ckpt):
+        raise UserError(f"{str(f)!r} is not a fastssl encoder checkpoint (expected keys encoder, config)")
+    return ckpt
+
+
+def load_encoder(path: str | os.PathLike, *, random_init: bool = False):
+    """Rebuild the encoder a checkpoint was trained with. Returns (encoder, config)."""
+    from fastssl.config import config_from_dict
+    from fastssl.encoders import create_encoder
+
+    ckpt = load_encoder_checkpoint(path)
+    cfg = config_from_dict(ckpt["config"])
+    torch.manual_seed(cfg.seed)
+    encoder = create_encoder(cfg.model, cfg.data.image_size)
+    if not random_init:
+        missing, unexpected = encoder.load_state_dict(ckpt["encoder"], strict=False)
+        if missing or unexpected:
+            raise UserError(f"checkpoint {str(path)!r} does not match encoder {cfg.model.encoder!r}: "
+                            f"{len(missing)} missing and {len(unexpected)} unexpected tensors")
+    return encoder.eval(), cfg

@@ -1,0 +1,1 @@
+"""Evaluation of frozen encoders: weighted kNN and the linear probe."""

@@ -1,0 +1,60 @@
+"""metrics.jsonl and the terminal progress display (main process only)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, path: Path, enabled: bool):
+        self.enabled = enabled
+        self._f = open(path, "a") if enabled else None
+
+    def write(self, record: dict) -> None:
+        if self._f is not None:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
+class Progress:
+    """rich progress bar on a terminal; plain log lines elsewhere (CI logs, `make demo | tee`)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.enabled = enabled
+        self._bar = None
+        self._t0 = time.time()
+        if enabled and sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
+                TimeRemainingColumn
+
+            self._bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[status]}"), TimeRemainingColumn())
+            self._task = self._bar.add_task("train", total=total, completed=start, status="")
+            self._bar.start()
+
+    def update(self, step: int, record: dict) -> None:
+        if not self.enabled:
+            return
+        status = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                          if k not in ("step", "epoch"))
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, status=status)
+        else:
+            print(f"step {step} epoch {record.get('epoch', 0)} {status}", flush=True)
+
+    def print(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(text)
+        elif self.enabled:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

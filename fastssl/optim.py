@@ -1,0 +1,107 @@
+"""Optimisers: LARS (SimCLR, MoCo v3 ResNet), LAMB, AdamW (MoCo v3 ViT).
+
+None of them decays or LARS/LAMB-adapts biases and normalisation parameters (SimCLR appendix B.1; MoCo v3's
+`exclude_bias_and_norm`): the 1-D parameters go in a group with weight_decay 0 and `adapt` False.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastssl.errors import UserError
+
+OPTIMIZERS = ("lars", "lamb", "adamw")
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if not p.requires_grad:  # momentum encoders, frozen patch projections
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "adapt": True},
+              {"params": no_decay, "weight_decay": 0.0, "adapt": False}]
+    return [g for g in groups if g["params"]]
+
+
+def _trust_ratio(param_norm: torch.Tensor, update_norm: torch.Tensor, eta: float) -> torch.Tensor:
+    # torch.where instead of Python branches: no host sync, and a zero-initialised layer keeps ratio 1.
+    one = torch.ones_like(param_norm)
+    return torch.where(param_norm > 0, torch.where(update_norm > 0, eta * param_norm / update_norm, one), one)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as used by SimCLR / MoCo v3: the trust ratio scales the decayed gradient,
+    then heavy-ball momentum."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, adapt=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad.add(p, alpha=g["weight_decay"]) if g["weight_decay"] else p.grad.clone()
+                if g["adapt"]:
+                    dp.mul_(_trust_ratio(torch.linalg.vector_norm(p), torch.linalg.vector_norm(dp),
+                                         g["trust_coefficient"]))
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+        return loss
+
+
+class LAMB(torch.optim.Optimizer):
+    """LAMB (You et al. 2020): Adam's bias-corrected step plus decoupled decay, scaled by ||p|| / ||step||."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adapt=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for g in self.param_groups:
+            b1, b2 = g["betas"]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["m"] = torch.zeros_like(p)
+                    state["v"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                m, v = state["m"], state["v"]
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                r = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt().add_(g["eps"]))
+                if g["weight_decay"]:
+                    r.add_(p, alpha=g["weight_decay"])
+                if g["adapt"]:
+                    r.mul_(_trust_ratio(torch.linalg.vector_norm(p), torch.linalg.vector_norm(r), 1.0))
+                p.add_(r, alpha=-g["lr"])
+        return loss
+
+
+def build_optimizer(optim_cfg, module: nn.Module, lr: float) -> torch.optim.Optimizer:
+    groups = param_groups(module, optim_cfg.weight_decay)
+    if optim_cfg.name == "lars":
+        return LARS(groups, lr=lr, momentum=optim_cfg.momentum, trust_coefficient=optim_cfg.trust_coefficient)
+    if optim_cfg.name == "lamb":
+        return LAMB(groups, lr=lr, betas=optim_cfg.betas)
+    if optim_cfg.name == "adamw":
+        for g in groups:
+            g.pop("adapt")
+        return torch.optim.AdamW(groups, lr=lr, betas=optim_cfg.betas)
+    raise UserError(f"unknown optimiser optim.name={optim_cfg.name!r}; valid: {', '.join(OPTIMIZERS)}")

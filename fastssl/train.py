@@ -1,0 +1,186 @@
+"""The training loop: read it top to bottom. accelerate owns devices, precision and process groups."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastssl.checkpoint import latest_checkpoint, load_encoder, save_checkpoint
+from fastssl.config import Config, config_to_dict, dump_config
+from fastssl.data.imagefolder import scan_image_folder
+from fastssl.errors import UserError
+from fastssl.methods import build_method
+from fastssl.metrics import MetricsLog, Progress
+from fastssl.optim import build_optimizer
+from fastssl.rundir import prepare_run_dir
+from fastssl.schedule import lr_at, scaled_lr
+
+from pipelines.augment import preset
+from pipelines.base import LoaderContext, build_loader
+
+
+@dataclass
+class TrainState:
+    """What accelerate checkpoints besides model and optimiser (register_for_checkpointing)."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.step = int(d["step"])
+
+
+def resolve_precision(precision: str) -> str:
+    valid = ("auto", "bf16", "fp16", "fp32")
+    if precision not in valid:
+        raise UserError(f"unknown train.precision {precision!r}; valid: {', '.join(valid)}")
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if precision in ("bf16", "fp16") and not cuda:
+        return "no"  # CPU autocast to bf16 is slow and changes numerics; the CPU path trains in fp32
+    return "no" if precision == "fp32" else precision
+
+
+def _knn_sets(cfg: Config):
+    """Scan the kNN folders up front: a wrong path fails before training, not after it."""
+    if not cfg.eval.knn_val_path:
+        return None
+    train_path = cfg.eval.knn_train_path or cfg.data.path
+    if not Path(train_path).is_dir():
+        raise UserError(f"eval.knn_train_path {train_path!r} is not an ImageFolder directory (set it when "
+                        f"data.path is not one)")
+    return scan_image_folder(train_path), scan_image_folder(cfg.eval.knn_val_path)
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def train(cfg: Config) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cfg, run_dir, resuming = prepare_run_dir(cfg)
+    if cfg.train.grad_accum != 1 and not cfg.train.allow_grad_accum:
+        raise UserError(f"train.grad_accum={cfg.train.grad_accum} changes the negatives of a contrastive loss "
+                        f"(each micro-batch sees only its own); set train.allow_grad_accum=true to accept that")
+    knn_sets = _knn_sets(cfg)
+    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.train.precision),
+                              cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+
+    # Same seed on every process: identical initial weights. View randomness is per rank (batch_seed).
+    set_seed(cfg.seed)
+    method = build_method(cfg)  # validates the method's config before any data is read
+    spec = preset(cfg.data.augment, cfg.data.image_size)
+    ctx = LoaderContext(accelerator.device, accelerator.process_index, accelerator.num_processes, cfg.seed)
+    loader = build_loader(cfg.data, spec, ctx)
+    steps_per_epoch = len(loader)
+    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    warmup = min(total, int(round(cfg.optim.warmup_epochs * steps_per_epoch)))
+    peak_lr = scaled_lr(cfg.optim.lr, cfg.data.batch_size, cfg.optim.lr_scaling)
+    optimizer = build_optimizer(cfg.optim, method, peak_lr)
+    method, optimizer = accelerator.prepare(method, optimizer)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if resuming:
+        accelerator.load_state(str(latest_checkpoint(run_dir)))
+    accelerator.wait_for_everyone()
+
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
+    progress = Progress(total, state.step, enabled=main and cfg.train.progress)
+    if main:
+        progress.print(f"{cfg.method.name} / {cfg.model.encoder}: {total} steps ({steps_per_epoch} per epoch), "
+                       f"global batch {cfg.data.batch_size} over {accelerator.num_processes} process(es), "
+                       f"peak lr {peak_lr:.4g}, precision {accelerator.mixed_precision}, device {accelerator.device}")
+    unwrapped = accelerator.unwrap_model(method)
+    config_dict = config_to_dict(cfg)
+    stop_at = cfg.train.stop_after_steps if 0 < cfg.train.stop_after_steps < total else total
+    t_start = t_window = time.time()
+    window_steps = 0
+    throughput = []
+    method.train()
+    while state.step < stop_at:
+        epoch = state.step // steps_per_epoch
+        loader.set_epoch(epoch, start_batch=state.step % steps_per_epoch)
+        for batch in loader:
+            lr = lr_at(state.step, total, warmup, peak_lr, cfg.optim.min_lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            with accelerator.autocast():
+                out = method(batch)
+            accelerator.backward(out.loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            unwrapped.after_step(state.step, total)
+            state.step += 1
+            window_steps += 1
+
+            if state.step % cfg.train.log_every == 0 or state.step == stop_at:
+                loss = out.loss.item()  # sync point: only on logging steps
+                if not torch.isfinite(torch.tensor(loss)):
+                    raise UserError(f"loss is {loss} at step {state.step}; lower optim.lr or check the data")
+                now = time.time()
+                ips = window_steps * cfg.data.batch_size / max(now - t_window, 1e-9)
+                throughput.append(ips)
+                record = {"step": state.step, "epoch": epoch, "loss": loss, "lr": lr, "images_per_s": ips}
+                record.update({k: float(v) for k, v in out.logs.items()})
+                metrics.write(record)
+                progress.update(state.step, record)
+                t_window, window_steps = now, 0
+            if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
+                save_checkpoint(accelerator, run_dir, state.step, unwrapped.encoder, config_dict,
+                                cfg.train.keep_checkpoints)
+            if state.step >= stop_at:
+                break
+
+    if not (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0):
+        save_checkpoint(accelerator, run_dir, state.step, unwrapped.encoder, config_dict, cfg.train.keep_checkpoints)
+    progress.close()
+    metrics.close()
+    wall = time.time() - t_start
+    if state.step < total:
+        if main:
+            print(f"stopped at step {state.step} of {total} (train.stop_after_steps); continue with "
+                  f"resume={run_dir}", flush=True)
+        return {"stopped_at_step": state.step}
+
+    # Skip the first logging window in the mean: it pays worker start-up and allocator warm-up.
+    summary = {"steps": state.step, "wall_s": round(wall, 1),
+               "images_per_s": float(sum(throughput[1:]) / max(1, len(throughput) - 1)) if len(throughput) > 1
+               else (throughput[0] if throughput else 0.0)}
+    if knn_sets is not None and main:
+        from fastssl.eval.knn import knn_eval
+
+        kw = dict(k=cfg.eval.knn_k, temperature=cfg.eval.knn_t, batch_size=cfg.eval.batch_size,
+                  device=accelerator.device, workers=cfg.data.workers)
+        res = knn_eval(unwrapped.encoder, *knn_sets, cfg.data.image_size, **kw)
+        summary.update({"knn_top1": res["top1"], "knn_top5": res["top5"]})
+        if cfg.eval.knn_random_baseline:
+            rand, _ = load_encoder(run_dir, random_init=True)
+            base = knn_eval(rand.to(accelerator.device), *knn_sets, cfg.data.image_size, **kw)
+            summary.update({"knn_top1_random_init": base["top1"], "knn_top5_random_init": base["top5"]})
+    if main:
+        _write_json_atomic(run_dir / "summary.json", summary)
+        lines = [f"trained {state.step} steps in {wall:.0f} s, {summary['images_per_s']:.1f} images/s"]
+        if "knn_top1" in summary:
+            lines.append(f"kNN top-1 (k={cfg.eval.knn_k}): {summary['knn_top1']:.2f}% trained"
+                         + (f", {summary['knn_top1_random_init']:.2f}% random init"
+                            if "knn_top1_random_init" in summary else ""))
+        print("\n".join(lines), flush=True)
+    accelerator.wait_for_everyone()
+    return summary

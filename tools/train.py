@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Pre-train an encoder: `python tools/train.py RECIPE.yaml [section.key=value ...]` (also under
+`accelerate launch`). Writes the run directory named by `output_dir`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastssl.errors import cli_main  # noqa: E402
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=0.5 resume=RUN_DIR")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = p.parse_args(argv)
+
+    from fastssl.config import dump_config, load_config
+    from fastssl.train import train
+
+    cfg = load_config(args.recipe, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
