@@ -42,6 +42,13 @@ class ModelConfig:
     small_input: bool = False  # CIFAR-style ResNet stem (3x3 stride-1 conv, no max-pool) for <=64 px images
     channels_last: bool = True
     compile: str = "auto"  # auto (on CUDA) | true | false
+    # ViT options (fastssl/encoders/vit.py); setting one on a ResNet is an error at config time.
+    patch_size: int = 0  # 0: the encoder's own (16 for vit_tiny/small/base)
+    pos_embed: str = "learned"  # learned | sincos (fixed 2-D sin-cos, MoCo v3 sec. 5)
+    frozen_patch_embed: bool = False  # random patch projection, never trained (MoCo v3 sec. 5)
+    stem: str = "patch"  # patch | conv (Xiao et al. 2021, ViT_C: conv stem, one block fewer)
+    spt_lsa: bool = False  # shifted patch tokens + locality self-attention (Lee et al. 2021)
+    drop_path: float = 0.0  # stochastic depth rate of the ViT blocks
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,15 @@ class MethodConfig:
     proj_hidden: int = 2048
     proj_dim: int = 128
     proj_last_bn: bool = True
+    # MoCo (fastssl/methods/mocov2.py, mocov3.py)
+    momentum: float = 0.99  # key-encoder EMA; v2 keeps it fixed, v3 raises it to 1 on a cosine
+    queue_size: int = 65536  # MoCo v2's negatives; a multiple of data.batch_size (MoCo v3 has no queue)
+    shuffle_bn_splits: int = 8  # key-encoder BN groups over the global batch (MoCo: 8 GPUs)
+    pred_layers: int = 0  # MoCo v3's predictor (2); 0 = none
+    pred_hidden: int = 4096
+    # dense relative localisation (fastssl/methods/drloc.py), auxiliary loss for ViTs; 0 = off
+    drloc_weight: float = 0.0
+    drloc_pairs: int = 64  # sampled token pairs per image
 
 
 @dataclass(frozen=True)
