@@ -1,0 +1,47 @@
+"""Suite-wide settings. CI sets FASTSSL_REQUIRE_EXTRAS (e.g. "dali,ffcv") so that an optional backend that was
+meant to be installed cannot turn its tests into silent skips."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+_EXTRA_MODULES = {"dali": "nvidia.dali", "ffcv": "ffcv", "triton": "triton"}
+
+
+def pytest_sessionstart(session):
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    for extra in filter(None, os.environ.get("FASTSSL_REQUIRE_EXTRAS", "").split(",")):
+        try:
+            importlib.import_module(_EXTRA_MODULES[extra])
+        except ImportError as e:
+            raise pytest.UsageError(f"FASTSSL_REQUIRE_EXTRAS names {extra!r} but it does not import: {e}")
+
+
+def run_tool(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 600):
+    """Run `python tools/<script> args...` as a user would; returns the CompletedProcess."""
+    import subprocess
+
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    e.update(env or {})
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_user_error(proc, *fragments: str) -> None:
+    """A user-facing error: non-zero exit, one `error:` line on stderr naming the value, no traceback."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    for frag in fragments:
+        assert frag in lines[0], lines[0]

@@ -1,0 +1,73 @@
+"""Recipes: strict keys, typed overrides, round trip, and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from fastssl.config import Config, config_to_dict, dump_config, load_config
+from fastssl.errors import UserError
+
+from conftest import ROOT, assert_user_error, run_tool
+
+
+def test_overrides_are_typed_from_the_dataclass():
+    cfg = load_config(None, ["optim.lr=0.5", "data.batch_size=64", "optim.betas=[0.9, 0.95]", "seed=3",
+                             "train.progress=false", "optim.warmup_epochs=2"])
+    assert cfg.optim.lr == 0.5 and cfg.data.batch_size == 64 and cfg.seed == 3
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.train.progress is False
+    assert isinstance(cfg.optim.warmup_epochs, float)  # an int literal becomes the field's float
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("optim.lr=abc", ["optim.lr", "'abc'"]),
+    ("optim.lrr=1", ["optim.lrr", "lr, lr_scaling"]),
+    ("nosuch.x=1", ["nosuch", "data, model"]),
+    ("nosuch=1", ["nosuch", "output_dir"]),
+    ("data.batch_size=1.5", ["data.batch_size", "integer"]),
+    ("train.progress=1", ["train.progress", "true or false"]),
+    ("optim.betas=[0.9]", ["optim.betas", "2 values"]),
+    ("lr", ["section.key=value"]),
+])
+def test_bad_overrides_name_the_key_and_what_was_expected(override, fragments):
+    with pytest.raises(UserError) as e:
+        load_config(None, [override])
+    assert "\n" not in str(e.value)
+    for f in fragments:
+        assert f in str(e.value)
+
+
+def test_unknown_key_in_a_recipe_lists_the_valid_keys(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("model:\n  encodr: resnet18\n")
+    with pytest.raises(UserError, match=r"unknown key model.encodr; valid keys in model: encoder"):
+        load_config(p)
+
+
+def test_dump_then_load_gives_the_same_config(tmp_path):
+    cfg = load_config(ROOT / "recipes/simclr_resnet50_in1k.yaml", ["optim.betas=[0.8, 0.9]"])
+    p = tmp_path / "c.yaml"
+    p.write_text(dump_config(cfg))
+    assert load_config(p) == cfg
+    assert set(yaml.safe_load(p.read_text())) == set(config_to_dict(Config()))
+
+
+def test_every_shipped_recipe_loads():
+    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert recipes
+    for r in recipes:
+        load_config(r)
+
+
+def test_cli_print_config_and_errors(tmp_path):
+    ok = run_tool("tools/train.py", "recipes/simclr_resnet18_synthetic.yaml", "optim.lr=0.7", "--print-config")
+    assert ok.returncode == 0, ok.stderr
+    assert yaml.safe_load(ok.stdout)["optim"]["lr"] == 0.7
+    assert_user_error(run_tool("tools/train.py", "recipes/simclr_resnet18_synthetic.yaml", "optim.lr=abc"),
+                      "optim.lr", "'abc'")
+    assert_user_error(run_tool("tools/train.py", "recipes/simclr_resnet18_synthetic.yaml", "optim.lrr=1"),
+                      "optim.lrr", "valid keys")
+    assert_user_error(run_tool("tools/train.py", str(tmp_path / "missing.yaml")), "missing.yaml", "does not exist")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [1, 2\n")
+    assert_user_error(run_tool("tools/train.py", str(bad)), "bad.yaml", "YAML")

@@ -1,0 +1,96 @@
+"""Optimisers against float64 numpy re-implementations of their papers' update rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fastssl.config import OptimConfig
+from fastssl.optim import LAMB, LARS, build_optimizer, param_groups
+
+
+def _model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    frozen = nn.Linear(3, 3)
+    frozen.requires_grad_(False)
+    m.add_module("frozen", frozen)
+    return m
+
+
+def _grads(step: int, shapes):
+    rng = np.random.default_rng(step)
+    return [rng.normal(size=s) for s in shapes]
+
+
+def _run(opt_factory, ref_update, steps=4, wd=0.01):
+    m = _model()
+    groups = param_groups(m, wd)
+    opt = opt_factory(groups)
+    params = [p for g in groups for p in g["params"]]
+    adapt = [g["adapt"] for g in groups for _ in g["params"]]
+    decay = [g["weight_decay"] for g in groups for _ in g["params"]]
+    ref = [p.detach().double().numpy().copy() for p in params]
+    state = [dict() for _ in params]
+    for t in range(1, steps + 1):
+        gs = _grads(t, [p.shape for p in params])
+        for p, g in zip(params, gs):
+            p.grad = torch.tensor(g, dtype=p.dtype)
+        opt.step()
+        for i, g in enumerate(gs):
+            ref[i] = ref_update(ref[i], g, state[i], t, decay[i], adapt[i])
+    for p, r in zip(params, ref):
+        np.testing.assert_allclose(p.detach().double().numpy(), r, rtol=2e-5, atol=1e-6)
+    return m
+
+
+def test_groups_exclude_frozen_and_keep_1d_params_undecayed():
+    m = _model()
+    groups = param_groups(m, 0.1)
+    ids = {id(p): g for g in groups for p in g["params"]}
+    assert id(m.frozen.weight) not in ids
+    assert ids[id(m[0].weight)]["weight_decay"] == 0.1 and ids[id(m[0].weight)]["adapt"]
+    for p in (m[0].bias, m[1].weight, m[1].bias):
+        assert ids[id(p)]["weight_decay"] == 0.0 and not ids[id(p)]["adapt"]
+
+
+def test_lars_matches_moco_v3_pseudocode():
+    lr, mom, eta = 0.5, 0.9, 0.001
+
+    def ref(p, g, st, t, wd, adapt):
+        d = g + wd * p
+        if adapt:
+            pn, dn = np.linalg.norm(p), np.linalg.norm(d)
+            d = d * (eta * pn / dn if pn > 0 and dn > 0 else 1.0)
+        st["mu"] = mom * st.get("mu", 0.0) + d
+        return p - lr * st["mu"]
+
+    _run(lambda g: LARS(g, lr=lr, momentum=mom, trust_coefficient=eta), ref)
+
+
+def test_lamb_matches_you_et_al_algorithm_2():
+    lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-6
+
+    def ref(p, g, st, t, wd, adapt):
+        st["m"] = b1 * st.get("m", 0.0) + (1 - b1) * g
+        st["v"] = b2 * st.get("v", 0.0) + (1 - b2) * g * g
+        r = (st["m"] / (1 - b1 ** t)) / (np.sqrt(st["v"] / (1 - b2 ** t)) + eps) + wd * p
+        if adapt:
+            pn, rn = np.linalg.norm(p), np.linalg.norm(r)
+            r = r * (pn / rn if pn > 0 and rn > 0 else 1.0)
+        return p - lr * r
+
+    _run(lambda g: LAMB(g, lr=lr, betas=(b1, b2), eps=eps), ref)
+
+
+@pytest.mark.parametrize("name", ["lars", "lamb", "adamw"])
+def test_build_optimizer_leaves_frozen_params_untouched(name):
+    m = _model()
+    before = m.frozen.weight.clone()
+    opt = build_optimizer(OptimConfig(name=name, weight_decay=0.1), m, lr=0.1)
+    m(torch.randn(8, 5)).sum().backward()
+    opt.step()
+    assert torch.equal(m.frozen.weight, before)
+    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups if any(p.ndim <= 1 for p in g["params"]))
