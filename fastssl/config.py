@@ -106,6 +106,15 @@ class EvalConfig:
     knn_val_path: str = ""  # empty: no kNN evaluation
     knn_random_baseline: bool = True
     batch_size: int = 256
+    # Online kNN monitor (fastssl/eval/monitor.py): every N epochs on fixed subsets of the kNN folders.
+    knn_every_epochs: int = 0  # 0: off
+    knn_monitor_train_samples: int = 2000  # memory bank size (a class-balanced subset of the kNN train folder)
+    knn_monitor_val_samples: int = 500  # queries (a class-balanced subset of eval.knn_val_path)
+    # Linear probe (fastssl/eval/linear.py) on cached centre-crop features.
+    linear_epochs: int = 100
+    linear_lr: float = 0.1  # x batch/256; BN without affine in front makes one lr fit every encoder
+    linear_optimizer: str = "sgd"  # sgd | lars
+    linear_weight_decay: float = 0.0
 
 
 @dataclass(frozen=True)
