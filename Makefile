@@ -8,7 +8,7 @@ DATA ?= data/synthetic
 RECIPE ?= recipes/simclr_resnet18_synthetic.yaml
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv extras demo test test-fast clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@if [ -z "$(TORCH_SPEC)" ]; then $(PYTHON) -m venv --system-site-packages $(VENV); else $(PYTHON) -m venv $(VENV); fi
@@ -19,17 +19,25 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
-$(DATA)/.complete: venv
-	$(PY) tools/make_synthetic.py $(DATA)
+# Optional backends: DALI (CPU mode works without a GPU) and FFCV (needs apt packages; compiles).
+extras: venv
+	bash .ci/install_dali.sh $(VENV)
+	bash .ci/install_ffcv.sh $(VENV)
+
+$(DATA)/.complete: | venv
+	$(PY) tools/make_synthetic.py $(DATA) --force
 	touch $@
 
+# Each demo run gets its own directory: the trainer refuses to overwrite an earlier run.
 demo: venv $(DATA)/.complete
-	$(PY) tools/train.py $(RECIPE) data.path=$(DATA)/train eval.knn_val_path=$(DATA)/val output_dir=runs/demo --overwrite
+	$(PY) tools/train.py $(RECIPE) data.path=$(DATA)/train eval.knn_val_path=$(DATA)/val \
+		output_dir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
-# Optional backends (DALI CPU mode, FFCV) are installed by .ci/install_extras.sh; their tests skip cleanly
-# when the package is missing and CI fails if they were expected but skipped (FASTSSL_REQUIRE_EXTRAS).
+# Tests of optional backends skip when the package is missing (`make extras` installs them). pytest exits 5
+# when it collected nothing: that is a failure, never a pass.
 test: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
