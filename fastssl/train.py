@@ -19,9 +19,10 @@ from fastssl.metrics import MetricsLog, Progress
 from fastssl.optim import build_optimizer
 from fastssl.rundir import prepare_run_dir
 from fastssl.schedule import lr_at, scaled_lr
+from fastssl.sync_bn import convert_global_bn
 
 from pipelines.augment import preset
-from pipelines.base import LoaderContext, build_loader
+from pipelines.base import LoaderContext, ViewBatch, build_loader
 
 
 @dataclass
@@ -29,12 +30,14 @@ class TrainState:
     """What accelerate checkpoints besides model and optimiser (register_for_checkpointing)."""
 
     step: int = 0
+    world_size: int = 1  # of the run that saved; resuming on another world size is exact at the same global batch
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "world_size": self.world_size}
 
     def load_state_dict(self, d: dict) -> None:
         self.step = int(d["step"])
+        self.world_size = int(d.get("world_size", 1))
 
 
 def resolve_precision(precision: str) -> str:
@@ -47,6 +50,21 @@ def resolve_precision(precision: str) -> str:
     if precision in ("bf16", "fp16") and not cuda:
         return "no"  # CPU autocast to bf16 is slow and changes numerics; the CPU path trains in fp32
     return "no" if precision == "fp32" else precision
+
+
+def resolve_compile(flag: str, device: torch.device) -> bool:
+    valid = ("auto", "true", "false")
+    if flag not in valid:
+        raise UserError(f"unknown model.compile {flag!r}; valid: {', '.join(valid)}")
+    return flag == "true" or (flag == "auto" and device.type == "cuda")
+
+
+def split_batch(batch: ViewBatch, parts: int) -> list[ViewBatch]:
+    if parts == 1:
+        return [batch]
+    views = [v.chunk(parts) for v in batch.views]
+    return [ViewBatch(tuple(v[i] for v in views), batch.labels.chunk(parts)[i], batch.indices.chunk(parts)[i])
+            for i in range(parts)]
 
 
 def _knn_sets(cfg: Config):
@@ -79,9 +97,24 @@ def train(cfg: Config) -> dict:
                               cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
 
+    world = accelerator.num_processes
+    if cfg.data.batch_size % (world * cfg.train.grad_accum):
+        raise UserError(f"data.batch_size={cfg.data.batch_size} (the global batch) must be divisible by "
+                        f"{world} process(es) x train.grad_accum={cfg.train.grad_accum}")
+
     # Same seed on every process: identical initial weights. View randomness is per rank (batch_seed).
     set_seed(cfg.seed)
     method = build_method(cfg)  # validates the method's config before any data is read
+    if method.global_bn:
+        method = convert_global_bn(method, accelerator.device)
+    channels_last = cfg.model.channels_last and accelerator.device.type == "cuda"
+    if channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    if resolve_compile(cfg.model.compile, accelerator.device):
+        # nn.Module.compile keeps parameter names, so checkpoints load in eager mode too. Only the networks
+        # are compiled: momentum updates and queue writes stay outside the graphs (no recompiles per step).
+        for net in method.compiled_modules():
+            net.compile(dynamic=False)
     spec = preset(cfg.data.augment, cfg.data.image_size)
     ctx = LoaderContext(accelerator.device, accelerator.process_index, accelerator.num_processes, cfg.seed)
     loader = build_loader(cfg.data, spec, ctx)
@@ -99,14 +132,25 @@ def train(cfg: Config) -> dict:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     if resuming:
         accelerator.load_state(str(latest_checkpoint(run_dir)))
+        if main and state.world_size != world:
+            print(f"resuming a run saved on {state.world_size} process(es) on {world}: same global batch "
+                  f"{cfg.data.batch_size}, so the same global batches and the same maths", flush=True)
+    state.world_size = world
     accelerator.wait_for_everyone()
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
     progress = Progress(total, state.step, enabled=main and cfg.train.progress)
     if main:
-        progress.print(f"{cfg.method.name} / {cfg.model.encoder}: {total} steps ({steps_per_epoch} per epoch), "
-                       f"global batch {cfg.data.batch_size} over {accelerator.num_processes} process(es), "
-                       f"peak lr {peak_lr:.4g}, precision {accelerator.mixed_precision}, device {accelerator.device}")
+        per_device = cfg.data.batch_size // world
+        progress.print(f"{cfg.method.name} / {cfg.model.encoder}: {total} steps ({steps_per_epoch} per epoch); "
+                       f"global batch {cfg.data.batch_size} = {world} process(es) x {per_device}"
+                       + (f" in {cfg.train.grad_accum} micro-batches of {per_device // cfg.train.grad_accum}"
+                          if cfg.train.grad_accum > 1 else "")
+                       + f"; peak lr {peak_lr:.4g} ({cfg.optim.lr} x {cfg.optim.lr_scaling} scaling); "
+                       f"precision {accelerator.mixed_precision}; device {accelerator.device}")
+        if cfg.train.grad_accum > 1:
+            progress.print("warning: gradient accumulation changes the loss: each micro-batch's negatives are "
+                           "only its own samples, not the global batch")
     unwrapped = accelerator.unwrap_model(method)
     config_dict = config_to_dict(cfg)
     stop_at = cfg.train.stop_after_steps if 0 < cfg.train.stop_after_steps < total else total
@@ -121,9 +165,12 @@ def train(cfg: Config) -> dict:
             lr = lr_at(state.step, total, warmup, peak_lr, cfg.optim.min_lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            with accelerator.autocast():
-                out = method(batch)
-            accelerator.backward(out.loss)
+            if channels_last:
+                batch.views = tuple(v.contiguous(memory_format=torch.channels_last) for v in batch.views)
+            for micro in split_batch(batch, cfg.train.grad_accum):
+                with accelerator.autocast():
+                    out = method(micro)
+                accelerator.backward(out.loss / cfg.train.grad_accum)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             unwrapped.after_step(state.step, total)

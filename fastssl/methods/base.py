@@ -28,6 +28,9 @@ class Method(nn.Module):
     """
 
     encoder: nn.Module  # the backbone whose features are evaluated (kNN, linear probe)
+    # Normalise with global-batch BN statistics when distributed (SimCLR's global BN, MoCo v3's SyncBN).
+    # MoCo v2 sets False: its shuffle BN is the fix for the same leak.
+    global_bn: bool = True
 
     def forward(self, batch: ViewBatch) -> LossOutput:  # pragma: no cover - interface
         raise NotImplementedError
@@ -35,6 +38,10 @@ class Method(nn.Module):
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
         pass
+
+    def compiled_modules(self) -> list[nn.Module]:
+        """The networks torch.compile wraps (model.compile): the trainable ones, not the EMA copies."""
+        return [m for m in self.children() if any(p.requires_grad for p in m.parameters())]
 
 
 # name -> builder(cfg: Config) -> Method

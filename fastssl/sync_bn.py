@@ -1,0 +1,83 @@
+"""Global ("synchronised") BatchNorm across processes, on any device.
+
+SimCLR (sec. 3, "Global BN") and MoCo v3 normalise with statistics of the whole global batch; otherwise each
+device's BN can leak which samples share a device and the contrastive task gets a shortcut. On CUDA,
+torch.nn.SyncBatchNorm does it with fused kernels; it refuses CPU tensors, so on CPU (the 2-process gloo tests
+and CPU clusters) `GlobalBatchNorm` does the same maths with a differentiable all_reduce of the per-process
+sums. On one process both are plain BatchNorm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class GlobalBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over all processes' samples for 2-D (N, C) and 4-D (N, C, H, W) inputs, in training mode."""
+
+    def _check_input_dim(self, x):
+        if x.dim() not in (2, 3, 4, 5):
+            raise ValueError(f"expected 2-D to 5-D input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or _world() == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                self.training or not self.track_running_stats, self.momentum or 0.0, self.eps)
+        from torch.distributed.nn.functional import all_reduce  # carries gradients back to every rank
+
+        dims = [0] + list(range(2, x.dim()))
+        xf = x.float()
+        local = torch.cat([xf.sum(dims), (xf * xf).sum(dims),
+                           torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)])
+        total = all_reduce(local)
+        c = x.shape[1]
+        count = total[-1]
+        mean = total[:c] / count
+        var = total[c:2 * c] / count - mean * mean  # biased, as BN normalises with
+        if self.track_running_stats:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 0.1
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                unbiased = var.detach() * count / (count - 1).clamp_min(1)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
+                self.num_batches_tracked.add_(1)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_global_bn(module: nn.Module, device: torch.device) -> nn.Module:
+    """Replace every BatchNorm in `module` by its global-batch version (no-op on one process)."""
+    if _world() == 1:
+        return module
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _convert_cpu(module)
+
+
+def _convert_cpu(module: nn.Module) -> nn.Module:
+    out = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        out = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats)
+        if module.affine:
+            with torch.no_grad():
+                out.weight.copy_(module.weight)
+                out.bias.copy_(module.bias)
+        if module.track_running_stats:
+            out.running_mean.copy_(module.running_mean)
+            out.running_var.copy_(module.running_var)
+            out.num_batches_tracked.copy_(module.num_batches_tracked)
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, _convert_cpu(child))
+    return out
