@@ -5,26 +5,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastssl.losses._common import Contrast, info_nce_contrast, nt_xent_contrast
+
+
+def contrastive_loss(c: Contrast) -> torch.Tensor:
+    a = F.normalize(c.anchors.float(), dim=1)
+    cand = F.normalize(c.candidates.float(), dim=1)
+    logits = a @ cand.t() / c.temperature
+    rows = torch.arange(a.shape[0], device=a.device)
+    if c.self_offset is not None:
+        logits = logits.index_put((rows, rows + c.self_offset), torch.tensor(float("-inf"), device=a.device))
+    if c.positive_index is not None:
+        return F.cross_entropy(logits, c.positive_index)
+    # Positive logit first, then the candidates (MoCo v2's Algorithm 1).
+    pos = (a * F.normalize(c.extra_positive.float(), dim=1)).sum(1, keepdim=True) / c.temperature
+    return F.cross_entropy(torch.cat([pos, logits], dim=1), torch.zeros_like(rows))
+
 
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    # SimCLR eq. (1): 2N anchors; positive = the other view of the same image; self excluded.
-    z = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)
-    n = z_a.shape[0]
-    logits = z @ z.t() / temperature
-    logits.fill_diagonal_(float("-inf"))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(logits, target)
+    return contrastive_loss(nt_xent_contrast(z_a, z_b, temperature))
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, *, queue: torch.Tensor | None = None) -> torch.Tensor:
-    q = F.normalize(q.float(), dim=1)
-    k = F.normalize(k.float(), dim=1)
-    if queue is None:
-        # MoCo v3: the other keys of the batch are the negatives.
-        logits = q @ k.t() / temperature
-        return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
-    # MoCo v2: positive logit first, then the queue (Algorithm 1 of He et al. 2020).
-    queue = F.normalize(queue.detach().float(), dim=1)
-    pos = (q * k).sum(1, keepdim=True)
-    logits = torch.cat([pos, q @ queue.t()], dim=1) / temperature
-    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+    return contrastive_loss(info_nce_contrast(q, k, temperature, queue))

@@ -1,0 +1,91 @@
+"""The autograd Function shared by the fused impls: nothing of size N x N is ever stored.
+
+Forward keeps only the per-anchor log-sum-exp over the candidates (M floats) and the positive logits; backward
+recomputes the similarities block by block from the saved O(N*D) inputs (the flash-attention trade: one
+extra matmul instead of an N x N buffer). L2 normalisation and the temperature are folded in here, so the
+saved tensors are the raw inputs and nothing normalised is kept alive between forward and backward.
+
+The tile work is delegated to a backend (chunked.py in plain torch, triton_infonce.py in Triton) with two
+functions over normalised fp32 rows a (M, D), c (C, D), s_ij = scale * <a_i, c_j>, self column excluded:
+    row_lse(a, c, scale, self_offset, dtype)                 -> lse_i = log sum_j exp(s_ij)        (M,)
+    row_lse_backward(a, c, scale, self_offset, dtype, lse, w, need_dc)
+        -> (scale * sum_j P_ij c_j, scale * sum_i P_ij a_i or None),  P_ij = w_i exp(s_ij - lse_i)
+`dtype` is the caller's input dtype: a backend may run its matmuls in it (bf16/fp16) with fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastssl.losses._common import Contrast
+
+_EPS = 1e-12  # F.normalize's default, so every impl agrees on near-zero rows
+
+
+def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.float()
+    norm = x.norm(dim=1, keepdim=True)
+    return x / norm.clamp_min(_EPS), norm
+
+
+def _unit_backward(x_hat: torch.Tensor, norm: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    # d(x/|x|) = (I - x_hat x_hat^T) / |x|; below eps F.normalize divides by the constant eps instead.
+    radial = torch.where(norm > _EPS, (x_hat * grad).sum(1, keepdim=True), torch.zeros_like(norm))
+    return (grad - x_hat * radial) / norm.clamp_min(_EPS)
+
+
+class _FusedContrastive(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchors, candidates, extra_positive, positive_index, temperature, self_offset, backend):
+        # The impl decides its own precision (fp32 accumulation); an ambient autocast must not recast it.
+        with torch.autocast(anchors.device.type, enabled=False):
+            scale = 1.0 / temperature
+            a, _ = _unit(anchors)
+            c, _ = _unit(candidates)
+            lse = backend.row_lse(a, c, scale, self_offset, anchors.dtype)
+            positive = c[positive_index] if positive_index is not None else _unit(extra_positive)[0]
+            pos = scale * (a * positive).sum(1)
+            if positive_index is not None:
+                per_anchor = lse - pos  # the positive is one of the candidates, already inside lse
+            else:
+                per_anchor = torch.logaddexp(lse, pos) - pos  # MoCo v2: [l_pos, l_neg] in one softmax
+            loss = per_anchor.mean()
+        ctx.save_for_backward(anchors, candidates, extra_positive, positive_index, lse, pos)
+        ctx.scale, ctx.self_offset, ctx.backend = scale, self_offset, backend
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        anchors, candidates, extra_positive, positive_index, lse, pos = ctx.saved_tensors
+        need_a, need_c, need_p = ctx.needs_input_grad[:3]
+        scale, m = ctx.scale, anchors.shape[0]
+        with torch.autocast(anchors.device.type, enabled=False):
+            a, a_norm = _unit(anchors)
+            c, c_norm = _unit(candidates)
+            # Row weights stay O(1) and the 1/M of the mean is applied afterwards in fp32: folded into the
+            # softmax block it would underflow fp16 (P ~ 1/M * softmax) before the second matmul.
+            unit = grad_loss.float() / m
+            if positive_index is not None:
+                w_lse = torch.ones_like(lse)  # d(lse_i - pos_i)/dlse_i
+                positive = c[positive_index]
+            else:
+                # d/dlse of logaddexp(lse, pos) - pos is sigmoid(lse - pos) = 1 - softmax weight of l_pos.
+                w_lse = torch.sigmoid(lse - pos)
+                positive, p_norm = _unit(extra_positive)
+            da, dc = ctx.backend.row_lse_backward(a, c, scale, ctx.self_offset, anchors.dtype, lse, w_lse, need_c)
+            pull = (-scale * w_lse)[:, None]  # d loss_i / d pos_i, times d pos_i / d(a_i . positive_i)
+            grads = [None] * 7
+            if need_a:
+                grads[0] = _unit_backward(a, a_norm, unit * (da + pull * positive)).to(anchors.dtype)
+            if need_c:
+                if positive_index is not None:
+                    dc = dc.index_add(0, positive_index, pull * a)
+                grads[1] = _unit_backward(c, c_norm, unit * dc).to(candidates.dtype)
+            if need_p:
+                grads[2] = _unit_backward(positive, p_norm, unit * (pull * a)).to(extra_positive.dtype)
+        return tuple(grads)
+
+
+def contrastive_loss(c: Contrast, backend) -> torch.Tensor:
+    return _FusedContrastive.apply(c.anchors, c.candidates, c.extra_positive, c.positive_index, c.temperature,
+                                   c.self_offset, backend)

@@ -1,0 +1,102 @@
+"""Triton backend for fused.py: flash-attention-style tiles over the (anchors x candidates) similarities.
+
+Forward: one program per block of anchor rows walks the candidate tiles keeping a running max and sum of
+exponentials (an online log-sum-exp, Milakov & Gimelshein 2018), so only the M log-sum-exps reach memory.
+Backward: two deterministic kernels recompute the tiles, one per anchor block (dA, walking candidates) and
+one per candidate block (dC, walking anchors) -- no atomics, so gradients are bitwise reproducible.
+
+Precision: bf16/fp16 operands go to tl.dot as they are (fp32 accumulation); the softmax block P is rounded to
+the operand dtype before the second matmul, as flash-attention does. fp32 operands follow torch's
+float32 matmul precision setting ("highest" -> exact fp32, otherwise tf32), like the naive impl's matmul.
+The similarity is scaled and masked in fp32.
+
+The kernels (_triton_kernels.py) are decorated on first use, not at import: Triton reads TRITON_INTERPRET
+when it decorates, and tests on a CPU set it after this module may already have been imported. The interpreter (numpy) computes a
+bf16 tl.dot wrongly, so there the operands are upcast to fp32 right after loading (exact, and the same
+products a tensor core forms); it also truncates instead of rounding on fp32 -> bf16, so P's rounding is
+slightly coarser there than on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import torch
+
+try:
+    import triton
+except ImportError:  # optional: chunked.py is the fallback
+    triton = None
+
+# Whole feature rows sit in one tile; 256 covers SimCLR (128) and MoCo v3 (256) and keeps the (64 x 256)
+# fp32 accumulator of the backward kernels in registers. Wider features use the chunked impl.
+MAX_DIM = 256
+
+
+def _interpreting() -> bool:
+    return triton is not None and bool(triton.knobs.runtime.interpret)
+
+
+def unavailable_reason(device: torch.device, dim: int) -> str | None:
+    """Why the triton impl cannot run here, or None when it can."""
+    if triton is None:
+        return "the triton package is not installed (pip install triton)"
+    if dim > MAX_DIM:
+        return f"feature dim {dim} > {MAX_DIM}, the widest row a tile holds"
+    if device.type != "cuda" and not _interpreting():
+        return f"tensors are on {device.type}; triton needs CUDA (or TRITON_INTERPRET=1 for its CPU interpreter)"
+    return None
+
+
+@functools.lru_cache(maxsize=2)
+def _jitted(interpret: bool) -> SimpleNamespace:
+    # `interpret` only keys the cache: triton.jit itself reads the flag and builds the matching object.
+    from fastssl.losses import _triton_kernels as k
+
+    return SimpleNamespace(lse=triton.jit(k.lse_kernel), grad_anchor=triton.jit(k.grad_anchor_kernel),
+                           grad_candidate=triton.jit(k.grad_candidate_kernel))
+
+
+def _operand_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def _launch_args(d: int, self_offset: int | None, dtype: torch.dtype) -> dict:
+    block_d = max(16, triton.next_power_of_2(d))
+    precision = "tf32" if torch.get_float32_matmul_precision() != "highest" else "ieee"
+    return dict(HAS_SELF=self_offset is not None, BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d,
+                UPCAST=_interpreting() and dtype != torch.float32, PRECISION=precision,
+                num_warps=4 if block_d <= 128 else 8)
+
+
+def row_lse(a: torch.Tensor, c: torch.Tensor, scale: float, self_offset: int | None,
+            dtype: torch.dtype) -> torch.Tensor:
+    op = _operand_dtype(dtype)
+    a, c = a.to(op).contiguous(), c.to(op).contiguous()
+    (m, d), n = a.shape, c.shape[0]
+    lse = torch.empty(m, device=a.device, dtype=torch.float32)
+    args = _launch_args(d, self_offset, op)
+    _jitted(_interpreting()).lse[(triton.cdiv(m, args["BLOCK_M"]),)](
+        a, c, lse, m, n, d, scale, self_offset or 0, **args)
+    return lse
+
+
+def row_lse_backward(a: torch.Tensor, c: torch.Tensor, scale: float, self_offset: int | None,
+                     dtype: torch.dtype, lse: torch.Tensor, weight: torch.Tensor,
+                     need_dc: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    op = _operand_dtype(dtype)
+    a, c = a.to(op).contiguous(), c.to(op).contiguous()
+    lse, weight = lse.contiguous(), weight.float().contiguous()
+    (m, d), n = a.shape, c.shape[0]
+    args = _launch_args(d, self_offset, op)
+    kernels = _jitted(_interpreting())
+    da = torch.empty(m, d, device=a.device, dtype=torch.float32)
+    kernels.grad_anchor[(triton.cdiv(m, args["BLOCK_M"]),)](
+        a, c, lse, weight, da, m, n, d, scale, self_offset or 0, **args)
+    dc = None
+    if need_dc:
+        dc = torch.empty(n, d, device=a.device, dtype=torch.float32)
+        kernels.grad_candidate[(triton.cdiv(n, args["BLOCK_N"]),)](
+            a, c, lse, weight, dc, m, n, d, scale, self_offset or 0, **args)
+    return da, dc
