@@ -1,0 +1,222 @@
+"""FFCV `.beton` files: writing one from an ImageFolder, and opening one with errors a user can act on.
+
+A fastssl `.beton` has two fields, `image` (ffcv RGBImageField: JPEG or raw pixels, longest side capped at
+`max_resolution`) and `label` (IntField, the ImageFolder class index). ffcv itself is imported lazily so
+that this module (and `--help`) work without the optional extra.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import sys
+import threading
+import _thread
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fastssl.data.imagefolder import check_images, load_rgb, scan_image_folder
+from fastssl.errors import UserError
+
+IMAGE_FIELD, LABEL_FIELD = "image", "label"
+WRITE_MODES = ("jpg", "raw", "smart", "proportion")
+FFCV_INSTALL_HINT = ("ffcv is not installed; install it with `bash .ci/install_ffcv.sh .venv` (apt packages "
+                     "pkg-config libturbojpeg0-dev libopencv-dev, then pip install '.[ffcv]')")
+
+
+def import_ffcv():
+    """Import ffcv or raise the one-line install hint (its C extension needs system libraries first)."""
+    try:
+        import ffcv  # noqa: F401
+        import ffcv.libffcv  # noqa: F401  (fails when the extension was built without libturbojpeg)
+    except ImportError as e:
+        raise UserError(f"{FFCV_INSTALL_HINT} [{type(e).__name__}: {e}]") from None
+    return ffcv
+
+
+@dataclass
+class ConvertSummary:
+    path: Path
+    images: int
+    classes: int
+    bytes: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of corrupt images
+
+
+class _Samples:
+    """The indexable dataset ffcv's writer processes read: (H x W x 3 uint8, label)."""
+
+    def __init__(self, samples, errors):
+        self.samples = samples
+        self.errors = errors  # multiprocessing.Queue back to the parent
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        # write_mode="proportion" draws np.random.rand() in this worker right after this call; seeding per
+        # sample makes the JPEG/raw choice, and so the file, independent of how chunks reach workers.
+        np.random.seed(i)
+        try:
+            return load_rgb(path), label
+        except UserError as e:
+            # An exception here kills the worker and ffcv's writer then waits forever for its samples;
+            # tell the parent and leave, so the watchdog can stop the conversion with this message.
+            self.errors.put(str(e))
+            os._exit(3)
+
+
+def _watch_workers(stop: threading.Event, failed: list[str], errors) -> None:
+    """Interrupt the main thread when one of ffcv's writer processes dies (ffcv would hang)."""
+    seen: dict[int, multiprocessing.Process] = {}
+    while not stop.wait(0.2):
+        for p in multiprocessing.active_children():
+            seen[p.pid] = p
+        dead = [p for p in seen.values() if p.exitcode not in (None, 0)]
+        if dead:
+            try:
+                failed.append(errors.get(timeout=1.0))
+            except queue.Empty:  # the worker died without a message (killed, out of memory)
+                failed.append(f"writer process {dead[0].pid} died with exit code {dead[0].exitcode}")
+            _thread.interrupt_main()
+            return
+
+
+def _validate(out: Path, max_resolution, jpeg_quality, write_mode, compress_probability, workers,
+              chunk_size) -> None:
+    if out.suffix != ".beton":
+        raise UserError(f"output {out} must end in .beton")
+    if not out.parent.is_dir():
+        raise UserError(f"output folder {out.parent} does not exist")
+    if max_resolution is not None and max_resolution < 8:
+        raise UserError(f"--max-resolution {max_resolution}; expected at least 8 pixels (or 0 for no cap)")
+    if not 1 <= jpeg_quality <= 100:
+        raise UserError(f"--jpeg-quality {jpeg_quality}; expected an integer in 1..100")
+    if write_mode not in WRITE_MODES:
+        raise UserError(f"--write-mode {write_mode!r}; expected one of {', '.join(WRITE_MODES)}")
+    if not 0.0 <= compress_probability <= 1.0:
+        raise UserError(f"--compress-probability {compress_probability}; expected a value in [0, 1]")
+    if workers < 1 or chunk_size < 1:
+        raise UserError(f"--workers {workers} / --chunk-size {chunk_size}; expected integers >= 1")
+
+
+def convert_image_folder(src, out, *, max_resolution: int | None = None, jpeg_quality: int = 90,
+                         write_mode: str = "jpg", compress_probability: float = 0.5,
+                         smart_threshold: int | None = None, workers: int = 1, chunk_size: int = 100,
+                         page_mib: int = 8, report=None) -> ConvertSummary:
+    """Write ImageFolder `src` as `out` (.beton); corrupt images are skipped and listed in the summary.
+
+    write_mode (ffcv's RGBImageField): "jpg" re-encodes every image at `jpeg_quality`; "raw" stores pixels
+    (decodes ~10x faster, files ~10x larger); "smart" stores raw unless the raw image is larger than
+    `smart_threshold` bytes; "proportion" JPEG-encodes a random `compress_probability` fraction.
+    `page_mib` is ffcv's page size (a power of two >= 2 MiB; each writer process fills whole pages, and
+    quasi-random order shuffles within a few pages at a time). `report(path, reason)` is called for each
+    skipped image as soon as it is found.
+    """
+    out = Path(out).expanduser().absolute()
+    max_resolution = max_resolution or None
+    _validate(out, max_resolution, jpeg_quality, write_mode, compress_probability, workers, chunk_size)
+    if page_mib < 2 or page_mib & (page_mib - 1):
+        raise UserError(f"--page-mib {page_mib}; expected a power of two >= 2")
+    index = scan_image_folder(src)
+    import_ffcv()
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    # Decoding everything once up front is the only way to skip a file: ffcv's writer fixes the sample
+    # count before its workers start and cannot leave a hole.
+    skipped = check_images(index, workers=workers)
+    for path, reason in skipped:
+        if report is not None:
+            report(path, reason)
+    bad = {p for p, _ in skipped}
+    samples = [(p, c) for p, c in index.samples if p not in bad]
+    if not samples:
+        raise UserError(f"no readable images in {index.root}: all {len(index)} failed to decode")
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    image_field = RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
+                                jpeg_quality=jpeg_quality, compress_probability=compress_probability,
+                                smart_threshold=smart_threshold)
+    writer = DatasetWriter(str(tmp), {IMAGE_FIELD: image_field, LABEL_FIELD: IntField()},
+                           page_size=page_mib << 20, num_workers=workers)
+    errors = multiprocessing.get_context("fork").Queue()
+    stop, failed = threading.Event(), []
+    watchdog = threading.Thread(target=_watch_workers, args=(stop, failed, errors), daemon=True)
+    watchdog.start()
+    try:
+        writer.from_indexed_dataset(_Samples(samples, errors), chunksize=chunk_size)
+        stop.set()
+        os.replace(tmp, out)
+    except KeyboardInterrupt:
+        if not failed:
+            raise
+        for p in multiprocessing.active_children():
+            p.terminate()
+        raise UserError(f"conversion of {index.root} stopped: {failed[0]}") from None
+    finally:
+        stop.set()
+        tmp.unlink(missing_ok=True)
+    return ConvertSummary(out, len(samples), len(index.classes), out.stat().st_size, skipped)
+
+
+def open_beton(path):
+    """ffcv's Reader over `path`, after checks that name the file when it is missing, truncated or foreign.
+
+    ffcv reads the header, field table and metadata eagerly but trusts the allocation table, which its
+    writer puts last: a file cut short loses that first and would fail later inside a JIT-compiled decoder.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f".beton file {p} does not exist (data.path must be a file written by "
+                        f"tools/convert_ffcv.py)")
+    import_ffcv()
+    from ffcv.reader import Reader
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType
+
+    size = p.stat().st_size
+    if size < HeaderType.itemsize:
+        raise UserError(f".beton file {p} is truncated or not a .beton ({size} bytes, shorter than the header)")
+    header = np.fromfile(p, dtype=HeaderType, count=1)[0]
+    if int(header["version"]) != CURRENT_VERSION:
+        raise UserError(f"{p} is not a .beton of ffcv format version {CURRENT_VERSION} "
+                        f"(header says version {int(header['version'])})")
+    num_samples, table_at = int(header["num_samples"]), int(header["alloc_table_ptr"])
+    fields_end = HeaderType.itemsize + int(header["num_fields"]) * FieldDescType.itemsize
+    if table_at < fields_end or table_at > size or (size - table_at) % ALLOC_TABLE_TYPE.itemsize:
+        raise UserError(f".beton file {p} is truncated or was not finished ({size} bytes; its allocation "
+                        f"table should start at byte {table_at})")
+    reader = Reader(str(p))
+    table = reader.alloc_table
+    if num_samples == 0 or len(table) == 0 or int((table["ptr"] + table["size"]).max()) > table_at:
+        raise UserError(f".beton file {p} is truncated or empty ({num_samples} samples, {size} bytes)")
+    return reader
+
+
+def require_fields(reader, path) -> None:
+    """The fields fastssl reads, with their ffcv types; otherwise list what the file has."""
+    from ffcv.fields import IntField, RGBImageField
+
+    expected = {IMAGE_FIELD: RGBImageField, LABEL_FIELD: IntField}
+    ok = all(isinstance(reader.handlers.get(n), t) for n, t in expected.items())
+    if not ok:
+        have = ", ".join(f"{n} ({type(h).__name__})" for n, h in reader.handlers.items())
+        raise UserError(f".beton file {path} has fields [{have}]; expected image (RGBImageField) and "
+                        f"label (IntField), as written by tools/convert_ffcv.py")
+
+
+def describe(path) -> dict:
+    """Sample count, image sizes and storage mix of a .beton (for the tool's summary and tests)."""
+    reader = open_beton(path)
+    require_fields(reader, path)
+    meta = reader.metadata[f"f{list(reader.handlers).index(IMAGE_FIELD)}"]
+    return {"images": int(reader.num_samples), "max_height": int(meta["height"].max()),
+            "max_width": int(meta["width"].max()), "jpeg": int((meta["mode"] == 0).sum())}
+
+
+def print_skipped(path: str, reason: str) -> None:
+    print(f"skipped corrupt image {path}: {reason}", file=sys.stderr)

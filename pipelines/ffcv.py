@@ -1,0 +1,185 @@
+"""The FFCV backend: a memory-mapped `.beton`, JIT-compiled CPU decode, both views made on the device.
+
+For two-view SSL the costly part is decoding, so each image is decoded once. Before an epoch the loader
+draws both views' crop boxes for every sample it will read (`ops.sample_crop_boxes`, torchvision's
+RandomResizedCrop semantics on the stored image), the FFCV decoder (`ffcv_decode.RegionDecoder`) decodes
+each image and copies out only the box covering both crops, and on the device `ops.make_view` cuts each
+view from that region and applies the rest of the spec. Decoding a fixed centre crop instead would
+silently change the crop distribution; decoding once per view (a second ffcv PipelineSpec on the same
+field) doubles the decode cost.
+
+Order: "shared" is fastssl's order (`base.epoch_order`, the same batches as the torch and DALI backends);
+"random", "quasi_random" (page-local, for datasets larger than the page cache) and "sequential" are
+ffcv's. Every order is drawn over the whole dataset with the same seed on every process and cut into
+global batches, process r taking its chunk as in `base.shard_batches`: accelerate's process index is used
+directly, not ffcv's `distributed=True`, which needs an initialised process group, pads the dataset, and
+has no quasi-random order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fastssl.data.beton import IMAGE_FIELD, LABEL_FIELD, import_ffcv, open_beton, require_fields
+from fastssl.errors import UserError
+from pipelines.augment import AugmentSpec
+from pipelines.base import BACKENDS, LoaderContext, ViewBatch, batch_seed, epoch_order, steps_per_epoch
+from pipelines.ops import make_view, sample_crop_boxes
+
+ORDERS = ("shared", "random", "quasi_random", "sequential")
+_BOX_CHUNK = 1 << 16  # samples per sample_crop_boxes call: it draws 40 doubles per sample and view
+
+
+def shard_order(order: np.ndarray, global_batch: int, process_index: int, num_processes: int,
+                drop_last: bool) -> list[np.ndarray]:
+    """`base.shard_batches` for any global order: global batch s is order[s*G:(s+1)*G], rank r its r-th chunk."""
+    batches = []
+    for s in range(steps_per_epoch(len(order), global_batch, drop_last)):
+        g = np.asarray(order[s * global_batch:(s + 1) * global_batch], dtype=np.int64)
+        batches.append(np.array_split(g, num_processes)[process_index])
+    return batches
+
+
+def resolve_device(requested: str, ctx: LoaderContext) -> torch.device:
+    if requested == "auto":
+        return torch.device(ctx.device)
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested == "cuda":
+        if torch.device(ctx.device).type != "cuda":
+            raise UserError(f"data.device=cuda but the training device is {ctx.device}")
+        return torch.device(ctx.device)
+    raise UserError(f"data.device={requested!r}; expected auto, cpu or cuda")
+
+
+class FFCVViewLoader:
+    """ViewLoader over a fastssl `.beton` (see the module docstring)."""
+
+    def __init__(self, path: str, spec: AugmentSpec, ctx: LoaderContext, *, batch_size: int, workers: int = 1,
+                 order: str = "shared", os_cache: bool = True, drop_last: bool = True, device: str = "auto",
+                 batches_ahead: int = 2):
+        import_ffcv()
+        import numba
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.pipeline import PipelineSpec
+        from ffcv.traversal_order import QuasiRandom, Random, Sequential
+
+        from pipelines.ffcv_decode import IndexLabelDecoder, RegionDecoder
+
+        if order not in ORDERS:
+            raise UserError(f"data.ffcv_order={order!r}; expected one of {', '.join(ORDERS)}")
+        reader = open_beton(path)
+        require_fields(reader, path)
+        self.num_samples = int(reader.num_samples)
+        if batch_size < 1 or batch_size % ctx.num_processes:
+            raise UserError(f"data.batch_size={batch_size} must be a positive multiple of the number of "
+                            f"processes ({ctx.num_processes})")
+        if drop_last and self.num_samples < batch_size:
+            raise UserError(f"{path} holds {self.num_samples} images, fewer than one global batch of {batch_size}")
+        tail = self.num_samples % batch_size
+        if not drop_last and 0 < tail < ctx.num_processes:
+            raise UserError(f"data.drop_last=false leaves a last batch of {tail} images for {ctx.num_processes} "
+                            f"processes; use drop_last=true or a batch size that leaves at least one per process")
+        self.path, self.spec, self.ctx = str(path), spec, ctx
+        self.global_batch, self.drop_last, self.order = batch_size, drop_last, order
+        self.device = resolve_device(device, ctx)
+        meta = reader.metadata[f"f{list(reader.handlers).index(IMAGE_FIELD)}"]
+        self.heights = meta["height"].astype(np.int64)
+        self.widths = meta["width"].astype(np.int64)
+        # Decoder-visible table of covering regions (y0, x0, h, w); the full image until an epoch draws.
+        self.regions = np.zeros((self.num_samples, 4), dtype=np.int32)
+        self.regions[:, 2], self.regions[:, 3] = self.heights, self.widths
+        self.view_boxes = np.zeros((self.num_samples, len(spec.views), 4), dtype=np.float64)
+        # numba refuses more threads than its pool (one per core) holds.
+        self.workers = max(1, min(int(workers), numba.config.NUMBA_NUM_THREADS))
+        torch_threads = torch.get_num_threads()
+        self.loader = Loader(self.path, batch_size=batch_size // ctx.num_processes, num_workers=self.workers,
+                             os_cache=os_cache, order=OrderOption.SEQUENTIAL, seed=ctx.seed, drop_last=False,
+                             batches_ahead=batches_ahead, pipelines={
+                                 IMAGE_FIELD: PipelineSpec(IMAGE_FIELD, decoder=RegionDecoder(self.regions)),
+                                 LABEL_FIELD: PipelineSpec(LABEL_FIELD, decoder=IndexLabelDecoder())})
+        torch.set_num_threads(torch_threads)  # ffcv sets torch's thread count to its worker count
+        self._ffcv_order = {"random": Random, "quasi_random": QuasiRandom, "sequential": Sequential,
+                            "shared": None}[order]
+        self._ffcv_order = self._ffcv_order(self.loader) if self._ffcv_order else None
+        self.loader.traversal_order = _PlannedOrder(self)
+        self._planned = np.zeros(0, dtype=np.int64)
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self) -> int:
+        return steps_per_epoch(self.num_samples, self.global_batch, self.drop_last)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """Dataset indices of this process's batches in `epoch` (the same for any start_batch)."""
+        if self._ffcv_order is None:
+            order = epoch_order(self.num_samples, self.ctx.seed, epoch)
+        else:
+            order = self._ffcv_order.sample_order(epoch)
+        return shard_order(order, self.global_batch, self.ctx.process_index, self.ctx.num_processes,
+                           self.drop_last)
+
+    def draw_boxes(self, epoch: int, indices: np.ndarray) -> None:
+        """Both views' crop boxes for `indices` and the region covering them, from (seed, epoch, process)."""
+        rng = np.random.default_rng([self.ctx.seed, epoch, self.ctx.process_index, 0xFFC5])
+        for lo in range(0, len(indices), _BOX_CHUNK):
+            idx = indices[lo:lo + _BOX_CHUNK]
+            boxes = np.stack([sample_crop_boxes(self.heights[idx], self.widths[idx], v.crop_scale, v.crop_ratio,
+                                                rng) for v in self.spec.views], axis=1)
+            top_left = boxes[..., :2].min(axis=1)
+            bottom_right = (boxes[..., :2] + boxes[..., 2:]).max(axis=1)
+            self.view_boxes[idx] = boxes
+            self.regions[idx] = np.concatenate([top_left, bottom_right - top_left], axis=1).astype(np.int32)
+
+    def __iter__(self):
+        epoch, start = self.epoch, self.start_batch
+        batches = self.epoch_batches(epoch)
+        # Boxes for the whole epoch, skipped batches included, so a resumed epoch sees the same crops.
+        self.draw_boxes(epoch, np.concatenate(batches))
+        todo = batches[start:]
+        if not todo:
+            return
+        self._planned = np.concatenate(todo)
+        torch_threads = torch.get_num_threads()
+        for k, (region, index_label) in enumerate(self.loader):
+            if k == 0:
+                torch.set_num_threads(torch_threads)  # ffcv's epoch thread set it to its worker count
+            idx = index_label[:, 0].copy()
+            if not np.array_equal(idx, todo[k]):
+                raise RuntimeError(f"ffcv returned batch {k} out of plan")  # a bug, not a user error
+            yield self._views(region, idx, index_label[:, 1].copy(), epoch, start + k)
+        self.start_batch = 0
+
+    def _views(self, region: np.ndarray, idx: np.ndarray, labels: np.ndarray, epoch: int, step: int) -> ViewBatch:
+        # `region` is a slot of ffcv's ring buffer: copied to the device (or consumed by make_view on the
+        # CPU) before this batch is yielded, so ffcv may refill it.
+        images = torch.from_numpy(region).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        rel = self.view_boxes[idx].copy()
+        rel[..., :2] -= self.regions[idx, None, :2]
+        g = torch.Generator(device=self.device)
+        g.manual_seed(batch_seed(self.ctx.seed, epoch, step, self.ctx.process_index))
+        s = self.spec
+        views = tuple(make_view(images, torch.from_numpy(rel[:, v]), view, s.size, s.mean, s.std, g)
+                      for v, view in enumerate(s.views))
+        return ViewBatch(views=views, labels=torch.from_numpy(labels).to(self.device),
+                         indices=torch.from_numpy(idx).to(self.device))
+
+
+class _PlannedOrder:
+    """Stands in for ffcv's traversal order: hands ffcv the indices the wrapper planned for this epoch."""
+
+    def __init__(self, owner: FFCVViewLoader):
+        self.owner = owner
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.owner._planned
+
+
+@BACKENDS.register("ffcv")
+def build_ffcv_loader(data_cfg, spec: AugmentSpec, ctx: LoaderContext) -> FFCVViewLoader:
+    return FFCVViewLoader(data_cfg.path, spec, ctx, batch_size=data_cfg.batch_size, workers=data_cfg.workers,
+                          order=data_cfg.ffcv_order, os_cache=data_cfg.ffcv_os_cache,
+                          drop_last=data_cfg.drop_last, device=data_cfg.device)
