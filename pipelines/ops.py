@@ -258,5 +258,7 @@ def make_view(images: torch.Tensor, boxes: torch.Tensor, view: ViewSpec, size: i
     `boxes` (N, 4) are (y0, x0, h, w) in pixels of `images`; the other parameters are drawn per sample
     from `generator` (on any device; the draws are moved to the images' device).
     """
+    if images.shape[0] == 0:  # a rank's empty share of a short last batch (drop_last=false)
+        return torch.empty((0, 3, size, size), device=images.device)
     params = sample_view_params(images.shape[0], view, generator, images.device)
     return apply_view(images, boxes, params, view, size, mean, std)
