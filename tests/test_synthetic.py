@@ -145,8 +145,9 @@ def test_shape_is_the_class_signal():
     assert _nearest_mean_accuracy(feats["train"], feats["val"]) > 0.5
 
 
-@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
-def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, error):
+@pytest.mark.parametrize("error, raised", [(RuntimeError("bug"), RuntimeError), (KeyboardInterrupt(), KeyboardInterrupt),
+                                           (OSError(28, "No space left on device"), UserError)])
+def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, error, raised):
     calls = []
 
     def failing_encode(rgb):
@@ -156,7 +157,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, error):
         return encode_jpeg(rgb)
 
     monkeypatch.setattr(synthetic, "encode_jpeg", failing_encode)
-    with pytest.raises(type(error)):
+    with pytest.raises(raised):  # an OSError (disk full, permissions) is the user's to fix: one line
         make_synthetic_dataset(tmp_path / "out", classes=2, train_per_class=3, val_per_class=1, size=16)
     assert len(calls) == 5 and list(tmp_path.iterdir()) == []
 

@@ -243,21 +243,23 @@ def make_synthetic_dataset(out: str | os.PathLike, classes: int = 10, train_per_
         raise UserError(f"output {out} exists and is not empty; expected a new or empty folder (or --force)")
     families = FAMILY_NAMES[:classes]
     start = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     old = out.parent / f"{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed run with our pid
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed run with our pid
         for split, count in zip(SPLITS, (train_per_class, val_per_class)):
             _write_split(tmp, split, families, count, size, seed)
         if out.is_dir() and any(out.iterdir()):
             # --force: the old dataset is moved aside only now that the new one is complete.
             os.replace(out, old)
         os.replace(tmp, out)  # rename(2) may replace an empty directory
-    except BaseException:  # Ctrl-C included: nothing half written may stay behind; re-raised below
+    except BaseException as e:  # Ctrl-C included: nothing half written may stay behind; re-raised below
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not out.exists():
             os.replace(old, out)
+        if isinstance(e, OSError):  # permissions, disk full: the user can fix these
+            raise UserError(f"cannot write the dataset to {out}: {e}; expected a writable folder") from e
         raise
     shutil.rmtree(old, ignore_errors=True)
     return SyntheticSummary(out=out, classes=families, train_images=classes * train_per_class,
