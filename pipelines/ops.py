@@ -147,6 +147,22 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
 
 
+def where_sampled(mask: torch.Tensor, fn, x: torch.Tensor, *per_sample) -> torch.Tensor:
+    """fn(x, *per_sample) for the samples in `mask`, x elsewhere (fn works sample by sample).
+
+    On an accelerator every sample is computed and selected with torch.where: gathering the subset needs
+    its size on the host, a synchronisation that would stall the CPU until the GPU has caught up with
+    the training step. On the CPU there is nothing to overlap, so only the selected samples are computed
+    (the hue rotation, 4 times per jittered view, and the blur are most of the CPU time).
+    """
+    if x.device.type != "cpu":
+        return torch.where(_per_sample(mask), fn(x, *per_sample), x)
+    idx = mask.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return x
+    return x.index_copy(0, idx, fn(x[idx], *(a[idx] for a in per_sample)))
+
+
 def _blend(x: torch.Tensor, target: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     f = _per_sample(factor)
     return (f * x + (1.0 - f) * target).clamp_(0.0, 1.0)
@@ -202,7 +218,7 @@ def color_jitter(x: torch.Tensor, params: ViewParams, view: ViewSpec) -> torch.T
         f = torch.where(op == HUE, torch.ones_like(factors[:, 0]), factors.gather(1, op.clamp(max=2)[:, None])[:, 0])
         x = _blend(x, target, f)
         if view.hue > 0:
-            x = torch.where(_per_sample(params.jitter & (op == HUE)), adjust_hue(x, factors[:, HUE]), x)
+            x = where_sampled(params.jitter & (op == HUE), adjust_hue, x, factors[:, HUE])
     return x
 
 
@@ -239,15 +255,16 @@ def apply_view(images: torch.Tensor, boxes: torch.Tensor, params: ViewParams, vi
     """The spec's steps 1-7 with given parameters; a step whose probability is 0 is skipped altogether."""
     x = crop_resize(images, boxes, size)
     if view.flip_p > 0:
-        x = torch.where(_per_sample(params.flip), x.flip(3), x)
+        x = where_sampled(params.flip, lambda y: y.flip(3), x)
     if view.jitter_p > 0 and max(view.brightness, view.contrast, view.saturation, view.hue) > 0:
         x = color_jitter(x, params, view)
     if view.gray_p > 0:
-        x = torch.where(_per_sample(params.gray), grayscale(x).expand_as(x), x)
+        x = where_sampled(params.gray, lambda y: grayscale(y).expand_as(y), x)
     if view.blur_p > 0:
-        x = torch.where(_per_sample(params.blur), gaussian_blur(x, params.sigma, view.blur_kernel_size(size)), x)
+        k = view.blur_kernel_size(size)
+        x = where_sampled(params.blur, lambda y, s: gaussian_blur(y, s, k), x, params.sigma)
     if view.solarize_p > 0:
-        x = torch.where(_per_sample(params.solarize), solarize(x, view.solarize_threshold), x)
+        x = where_sampled(params.solarize, lambda y: solarize(y, view.solarize_threshold), x)
     return normalize(x, mean, std)
 
 
