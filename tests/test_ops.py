@@ -259,3 +259,16 @@ def test_make_view_shape_determinism_and_normalisation():
     plain = ops.make_view(imgs, boxes, NO_OPS, 16, mean, std, torch.Generator().manual_seed(7))
     expect = (ops.crop_resize(imgs, boxes, 16) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     torch.testing.assert_close(plain, expect, rtol=0, atol=1e-6)
+
+
+def test_accelerator_path_gives_the_cpu_paths_values(monkeypatch):
+    # On accelerators masked ops are computed densely and selected (no host sync); on the CPU only the
+    # selected samples are computed. Both must give the same views (per-sample ops: bitwise equal).
+    imgs = torch.randint(0, 256, (16, 3, 30, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    boxes = torch.from_numpy(ops.sample_crop_boxes([30] * 16, [40] * 16, (0.08, 1), (3 / 4, 4 / 3),
+                                                   np.random.default_rng(0))).float()
+    view = ViewSpec(hue=0.3, blur_p=0.5, solarize_p=0.5, gray_p=0.3)
+    sparse = ops.make_view(imgs, boxes, view, 16, (0.5,) * 3, (0.25,) * 3, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(ops, "where_sampled", ops.where_sampled_dense)
+    dense = ops.make_view(imgs, boxes, view, 16, (0.5,) * 3, (0.25,) * 3, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-6)
