@@ -5,6 +5,7 @@ and binomial statistics for the per-sample application rates."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -234,7 +235,6 @@ def test_application_rates_measured_on_outputs(op):
     kw = {"flip": dict(flip_p=prob), "jitter": dict(jitter_p=prob, brightness=0.5, contrast=0, saturation=0, hue=0),
           "gray": dict(gray_p=prob), "blur": dict(blur_p=prob, blur_sigma=(1.0, 2.0)),
           "solarize": dict(solarize_p=prob, solarize_threshold=0.0)}[op]
-    from dataclasses import replace
     base, out = _single_op_outputs(replace(NO_OPS, **kw), n)
     changed = (out - base).abs().amax(dim=(1, 2, 3)) > 1e-6
     if op == "flip":
@@ -257,7 +257,8 @@ def test_make_view_shape_determinism_and_normalisation():
     assert a.shape == (4, 3, 16, 16) and a.dtype == torch.float32 and a.device == imgs.device
     assert torch.equal(a, b) and not torch.equal(a, c)
     plain = ops.make_view(imgs, boxes, NO_OPS, 16, mean, std, torch.Generator().manual_seed(7))
-    expect = (ops.crop_resize(imgs, boxes, 16) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    m, sd = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    expect = (ops.crop_resize(imgs, boxes, 16) - m) / sd
     torch.testing.assert_close(plain, expect, rtol=0, atol=1e-6)
 
 
