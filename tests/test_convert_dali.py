@@ -1,0 +1,220 @@
+"""tools/convert_dali.py and fastssl/data/shards.py. Oracles: the source files themselves (byte equality for
+JPEGs, PIL's decode for re-encoded formats, PIL's sizes), Python's tarfile for member offsets, and DALI's own
+readers.webdataset for the index files (when DALI is installed)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastssl.data import shards
+from fastssl.data.shards import convert_image_folder, open_shards, verify_shards
+from fastssl.errors import UserError
+from conftest import assert_user_error, run_tool
+
+
+def _jpeg(path: Path, h: int, w: int, seed: int) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format="JPEG", quality=90)
+    return path.read_bytes()
+
+
+def _folder(root: Path, per_class: int = 7, classes=("cat", "dog", "emu")) -> dict[str, tuple[bytes, int]]:
+    """An ImageFolder of JPEGs of assorted sizes; returns sha256 -> (bytes, label) of every image."""
+    out = {}
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            data = _jpeg(root / name / f"{i:03d}.jpg", 24 + 3 * i, 40 - 2 * i, seed=100 * c + i)
+            out[hashlib.sha256(data).hexdigest()] = (data, c)
+    return out
+
+
+def _read_back(out: Path) -> list[tuple[bytes, int, str]]:
+    """(jpg bytes, label, key) of every sample, read with tarfile in shard order: an independent reader."""
+    m = json.loads((out / "manifest.json").read_text())
+    samples = []
+    for s in m["shards"]:
+        with tarfile.open(out / s["tar"]) as tar:
+            members = {t.name: tar.extractfile(t).read() for t in tar.getmembers()}
+        keys = sorted({n.split(".")[0] for n in members})
+        samples += [(members[k + ".jpg"], int(members[k + ".cls"].decode()), k) for k in keys]
+    return samples
+
+
+def test_round_trip_keeps_every_image_and_label(tmp_path):
+    src = _folder(tmp_path / "src")
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "src" / "emu" / "red.png")  # not a JPEG
+    summary = convert_image_folder(tmp_path / "src", tmp_path / "out", shard_size=5)
+
+    got = _read_back(tmp_path / "out")
+    assert summary.num_samples == len(got) == len(src) + 1 and summary.num_shards == 5
+    assert summary.classes == ("cat", "dog", "emu") and summary.skipped == () and summary.reencoded == 1
+    jpegs = {hashlib.sha256(d).hexdigest(): c for d, c, _ in got}
+    assert all(jpegs.get(h) == c for h, (_, c) in src.items())  # JPEG sources: byte-identical, same label
+    png = [Image.open(io.BytesIO(d)) for d, c, _ in got if hashlib.sha256(d).hexdigest() not in src]
+    assert len(png) == 1 and png[0].format == "JPEG" and png[0].size == (30, 20)
+    assert np.abs(np.asarray(png[0], np.int16) - [200, 10, 10]).max() <= 8  # re-encoded at quality 95
+
+    s = open_shards(tmp_path / "out")
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["num_samples"] == len(s) and m["class_counts"] == [7, 7, 8] and m["classes"] == ["cat", "dog", "emu"]
+    for i, (data, label, _) in enumerate(got):  # the index offsets point at the same bytes tarfile reads
+        with open(s.tars[s.shard[i]], "rb") as f:
+            f.seek(s.offset[i])
+            assert f.read(s.size[i]) == data
+        assert s.labels[i] == label
+        assert (s.widths[i], s.heights[i]) == Image.open(io.BytesIO(data)).size
+    verify_shards(tmp_path / "out")
+
+
+def test_shards_are_shuffled_and_conversion_is_deterministic(tmp_path):
+    _folder(tmp_path / "src", per_class=10)
+    convert_image_folder(tmp_path / "src", tmp_path / "a", shard_size=8, workers=1)
+    convert_image_folder(tmp_path / "src", tmp_path / "b", shard_size=8, workers=2)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in files:  # parallel workers write the same bytes as one process
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    first = [c for _, c, _ in _read_back(tmp_path / "a")][:8]
+    assert len(set(first)) > 1  # class-sorted shards would put a single class in the first shard
+
+
+def test_dali_webdataset_reader_reads_the_index_files(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    import nvidia.dali.fn as fn
+    from nvidia.dali import pipeline_def
+
+    src = _folder(tmp_path / "src")
+    convert_image_folder(tmp_path / "src", tmp_path / "out", shard_size=6)
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    tars = [str(tmp_path / "out" / s["tar"]) for s in m["shards"]]
+    idxs = [str(tmp_path / "out" / s["index"]) for s in m["shards"]]
+
+    @pipeline_def(batch_size=len(src), num_threads=1, device_id=None)
+    def read():
+        jpg, cls = fn.readers.webdataset(paths=tars, index_paths=idxs, ext=["jpg", "cls"],
+                                         missing_component_behavior="error")
+        return jpg, cls
+
+    pipe = read()
+    pipe.build()
+    jpg, cls = pipe.run()
+    got = {hashlib.sha256(np.array(j).tobytes()).hexdigest(): int(np.array(c).tobytes()) for j, c in zip(jpg, cls)}
+    assert got == {h: c for h, (_, c) in src.items()}
+
+
+def test_corrupt_images_are_reported_by_name_and_skipped(tmp_path):
+    src = _folder(tmp_path / "src")
+    (tmp_path / "src" / "dog" / "garbage.jpg").write_bytes(b"not a jpeg at all")
+    good = (tmp_path / "src" / "cat" / "000.jpg").read_bytes()
+    (tmp_path / "src" / "cat" / "truncated.jpg").write_bytes(good[: int(len(good) * 0.8)])
+    proc = run_tool("tools/convert_dali.py", str(tmp_path / "src"), str(tmp_path / "out"), "--shard-size", "4",
+                    "--workers", "2")
+    assert proc.returncode == 0, proc.stderr
+    reported = [ln for ln in proc.stderr.splitlines() if ln.startswith("skipped corrupt image")]
+    assert sorted(ln.split()[3].rstrip(":") for ln in reported) == sorted(
+        [str(tmp_path / "src" / "cat" / "truncated.jpg"), str(tmp_path / "src" / "dog" / "garbage.jpg")])
+    assert "skipped 2 corrupt" in proc.stdout and f"wrote {len(src)} images" in proc.stdout
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["num_samples"] == len(src) and len(m["skipped"]) == 2
+
+
+def test_interrupted_conversion_leaves_nothing_usable(tmp_path, monkeypatch):
+    _folder(tmp_path / "src")
+    real = shards._write_shard
+
+    def interrupted(job):
+        if job[0] == 2:
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(shards, "_write_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_image_folder(tmp_path / "src", tmp_path / "out", shard_size=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no OUT_DIR, no partial folder left
+
+
+def test_a_killed_conversion_is_refused_by_the_loader(tmp_path):
+    # A SIGKILL leaves the hidden partial folder with tars and indexes but never a manifest.
+    _folder(tmp_path / "src")
+    convert_image_folder(tmp_path / "src", tmp_path / "out", shard_size=4)
+    (tmp_path / "out" / "manifest.json").unlink()
+    with pytest.raises(UserError, match="no manifest.json"):
+        open_shards(tmp_path / "out")
+    from pipelines.dali_sources import open_source
+
+    with pytest.raises(UserError, match="no manifest.json"):
+        open_source(str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("drop_index", "shard-000001.idx listed in"),
+    ("edit_manifest", "checksum does not match"),
+    ("truncate_tar", "truncated or replaced"),
+    ("short_index", "does not match the manifest"),
+    ("drop_samples", "samples.npy is missing"),
+])
+def test_damaged_shard_directories_give_clear_errors(tmp_path, damage, message):
+    _folder(tmp_path / "src")
+    out = tmp_path / "out"
+    convert_image_folder(tmp_path / "src", out, shard_size=4)
+    if damage == "drop_index":
+        (out / "shard-000001.idx").unlink()
+    elif damage == "edit_manifest":
+        m = json.loads((out / "manifest.json").read_text())
+        m["shards"][0]["num_samples"] += 1
+        (out / "manifest.json").write_text(json.dumps(m))
+    elif damage == "truncate_tar":
+        data = (out / "shard-000002.tar").read_bytes()
+        (out / "shard-000002.tar").write_bytes(data[:-1024])
+    elif damage == "short_index":
+        lines = (out / "shard-000000.idx").read_text().splitlines()
+        (out / "shard-000000.idx").write_text("\n".join(lines[:-1]) + "\n")
+    else:
+        (out / "samples.npy").unlink()
+    with pytest.raises(UserError, match=message) as e:
+        open_shards(out)
+    assert "\n" not in str(e.value)
+
+
+def test_verify_detects_a_changed_byte(tmp_path):
+    _folder(tmp_path / "src")
+    convert_image_folder(tmp_path / "src", tmp_path / "out", shard_size=4)
+    tar = tmp_path / "out" / "shard-000001.tar"
+    data = bytearray(tar.read_bytes())
+    data[700] ^= 0xFF  # inside the first JPEG: sizes still match, so only the hash can tell
+    tar.write_bytes(bytes(data))
+    open_shards(tmp_path / "out")
+    with pytest.raises(UserError, match="shard-000001.tar does not match the SHA-256"):
+        verify_shards(tmp_path / "out")
+
+
+def test_cli_bad_input_and_overwrite(tmp_path):
+    assert run_tool("tools/convert_dali.py", "--help").returncode == 0
+    assert_user_error(run_tool("tools/convert_dali.py", str(tmp_path / "missing"), str(tmp_path / "out")),
+                      "missing", "does not exist")
+    _folder(tmp_path / "src", per_class=2)
+    assert_user_error(run_tool("tools/convert_dali.py", str(tmp_path / "src"), str(tmp_path / "o"),
+                               "--shard-size", "0"), "shard size 0")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("user data")
+    assert_user_error(run_tool("tools/convert_dali.py", str(tmp_path / "src"), str(tmp_path / "busy")), "busy",
+                      "already exists")
+    assert_user_error(run_tool("tools/convert_dali.py", str(tmp_path / "src"), str(tmp_path / "busy"),
+                               "--overwrite"), "not a previous conversion")
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "user data"
+
+    assert run_tool("tools/convert_dali.py", str(tmp_path / "src"), str(tmp_path / "out")).returncode == 0
+    _jpeg(tmp_path / "src" / "cat" / "new.jpg", 30, 30, seed=9)
+    proc = run_tool("tools/convert_dali.py", str(tmp_path / "src"), str(tmp_path / "out"), "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert len(open_shards(tmp_path / "out")) == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "out", "src"]  # no old/partial folders left
