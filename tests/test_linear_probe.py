@@ -1,0 +1,122 @@
+"""The linear probe: separable-by-construction features are classified perfectly, features are computed once
+per split, top-k matches a numpy count, and a random-label control stays at chance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from fastssl.errors import UserError
+from fastssl.eval.linear import LinearProbe, linear_eval, probe_accuracy, topk_accuracy, train_linear_probe
+
+
+def _separable(n_per_class: int, classes: int, dim: int, seed: int):
+    """x = 3 e_y + u, u ~ U[-1, 1]^dim, then one fixed affine map with huge scale and offset.
+    Before the map, coordinate y is >= 2 and every other coordinate <= 1, so argmax is a perfect linear rule;
+    an invertible affine map keeps it linear. The scale/offset (1e3, 500) is what BN-without-affine absorbs."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(classes), n_per_class)
+    x = rng.uniform(-1, 1, size=(len(y), dim))
+    x[np.arange(len(y)), y] += 3.0
+    q, _ = np.linalg.qr(np.random.default_rng(1234).normal(size=(dim, dim)))  # the same map for every split
+    x = 1e3 * x @ q + 500.0
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+
+
+def test_probe_separates_linearly_separable_features():
+    tr, tr_y = _separable(40, 10, 24, seed=0)
+    va, va_y = _separable(20, 10, 24, seed=1)  # a fresh draw: the rule must generalise, not memorise
+    probe = train_linear_probe(tr, tr_y, 10, epochs=60, lr=0.1, batch_size=64)
+    res = probe_accuracy(probe, va, va_y)
+    # 100% is achievable by construction; ~100% allows at most 2 of the 200 val points near the margin.
+    assert res["top1"] >= 99.0 and res["top5"] == 100.0
+
+
+def test_lars_probe_also_separates():
+    tr, tr_y = _separable(40, 5, 16, seed=2)
+    # LARS steps are relative (lr x eta x ||w||, eta = 0.001), so its lr is orders larger than SGD's.
+    probe = train_linear_probe(tr, tr_y, 5, epochs=40, lr=20.0, batch_size=50, optimizer="lars")
+    assert probe_accuracy(probe, tr, tr_y)["top1"] >= 99.0
+
+
+def test_probe_on_random_labels_is_at_chance_on_fresh_data():
+    g = torch.Generator().manual_seed(0)
+    tr, tr_y = torch.randn(400, 16, generator=g), torch.randint(0, 4, (400,), generator=g)
+    va, va_y = torch.randn(1000, 16, generator=g), torch.randint(0, 4, (1000,), generator=g)
+    res = probe_accuracy(train_linear_probe(tr, tr_y, 4, epochs=20, batch_size=64), va, va_y)
+    # chance 25%; binomial sd over 1000 is 1.4 points, so 25 +- 7 is 5 sd
+    assert 18 < res["top1"] < 32
+
+
+def test_topk_accuracy_matches_numpy_count():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(300, 8))
+    labels = rng.integers(0, 8, 300)
+    order = np.argsort(-scores, axis=1)
+    want1 = 100 * np.mean(order[:, 0] == labels)
+    want5 = 100 * np.mean([labels[i] in order[i, :5] for i in range(300)])
+    got = topk_accuracy(torch.tensor(scores), torch.tensor(labels))
+    assert got["top1"] == pytest.approx(want1) and got["top5"] == pytest.approx(want5)
+    # fewer than 5 classes: top-5 is top-C, always a hit
+    assert topk_accuracy(torch.tensor(scores[:, :3]), torch.tensor(labels % 3))["top5"] == 100.0
+
+
+def test_probe_is_bn_without_affine_then_linear():
+    probe = LinearProbe(32, 7)
+    bn, fc = probe
+    assert isinstance(bn, nn.BatchNorm1d) and not bn.affine
+    assert fc.out_features == 7 and float(fc.bias.detach().abs().max()) == 0.0
+    assert 0.005 < float(fc.weight.detach().std()) < 0.015  # N(0, 0.01): 224 weights, sd of the sd estimate ~5%
+
+
+def test_bad_probe_settings_are_user_errors():
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    for kwargs, frag in [({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"), ({"optimizer": "adam"}, "adam"),
+                         ({"batch_size": 1}, "batch size")]:
+        with pytest.raises(UserError, match=frag):
+            train_linear_probe(x, y, 2, **kwargs)
+
+
+def _colour_folder(root, colours, per_class: int, seed: int):
+    """Solid-colour classes with pixel noise: the mean colour separates them linearly."""
+    rng = np.random.default_rng(seed)
+    for name, rgb in colours.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            px = np.clip(np.array(rgb) + rng.normal(0, 20, size=(20, 24, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(px).save(root / name / f"{i}.png")
+    return root
+
+
+class _MeanColour(nn.Module):
+    """A frozen 'encoder' whose features are the mean colour; counts its forward calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        self.calls += 1
+        return x.mean((2, 3)) * self.scale
+
+
+def test_linear_eval_caches_features_once_and_reaches_100_percent(tmp_path):
+    colours = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
+    train = _colour_folder(tmp_path / "train", colours, 6, seed=0)
+    val = _colour_folder(tmp_path / "val", colours, 3, seed=1)
+    enc = _MeanColour().train()
+    res = linear_eval(enc, train, val, 16, batch_size=8, workers=0, epochs=30)
+    assert res["top1"] == 100.0 and res["num_train"] == 18 and res["num_val"] == 9 and res["num_features"] == 3
+    assert enc.calls == 3 + 2  # ceil(18 / 8) + ceil(9 / 8) batches, once each: not once per probe epoch
+    assert enc.training and enc.scale.grad is None  # mode restored, no gradient reached the encoder
+
+
+def test_linear_eval_rejects_different_classes(tmp_path):
+    train = _colour_folder(tmp_path / "train", {"a": (0, 0, 0), "b": (255, 255, 255)}, 2, seed=0)
+    val = _colour_folder(tmp_path / "val", {"a": (0, 0, 0), "c": (255, 255, 255)}, 2, seed=0)
+    with pytest.raises(UserError, match="same class folders"):
+        linear_eval(_MeanColour(), train, val, 16, batch_size=4, workers=0, epochs=1)
