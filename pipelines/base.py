@@ -9,6 +9,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from fastssl.errors import UserError
 from fastssl.registry import Registry
 
 
@@ -87,10 +88,7 @@ def build_loader(data_cfg, spec, ctx: LoaderContext) -> ViewLoader:
     import importlib
 
     module = _BACKEND_MODULES.get(data_cfg.backend)
-    if module is not None:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
+    if module is None:
+        raise UserError(f"unknown data.backend {data_cfg.backend!r}; valid: {', '.join(_BACKEND_MODULES)}")
+    importlib.import_module(module)  # backend modules import without their optional package
     return BACKENDS.get(data_cfg.backend)(data_cfg, spec, ctx)
