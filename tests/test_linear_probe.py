@@ -3,6 +3,8 @@ per split, top-k matches a numpy count, and a random-label control stays at chan
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -120,3 +122,28 @@ def test_linear_eval_rejects_different_classes(tmp_path):
     val = _colour_folder(tmp_path / "val", {"a": (0, 0, 0), "c": (255, 255, 255)}, 2, seed=0)
     with pytest.raises(UserError, match="same class folders"):
         linear_eval(_MeanColour(), train, val, 16, batch_size=4, workers=0, epochs=1)
+
+
+@pytest.mark.slow  # two tool processes, each importing torch and timm
+def test_eval_tool_linear_writes_json_for_a_checkpoint_and_its_random_init(tmp_path):
+    from conftest import run_tool
+
+    from fastssl.config import config_from_dict, config_to_dict
+    from fastssl.encoders import create_encoder
+
+    colours = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
+    _colour_folder(tmp_path / "data" / "train", colours, 4, seed=0)
+    _colour_folder(tmp_path / "data" / "val", colours, 2, seed=1)
+    cfg = config_from_dict({"model": {"encoder": "vit_pico"}, "data": {"image_size": 16}})
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000003"
+    ckpt.mkdir(parents=True)
+    torch.save({"encoder": create_encoder(cfg.model, 16).state_dict(), "config": config_to_dict(cfg), "step": 3},
+               ckpt / "encoder.pt")
+    for extra in ([], ["--random-init"]):
+        out = tmp_path / f"res{len(extra)}.json"
+        proc = run_tool("tools/eval.py", "linear", "--checkpoint", str(tmp_path / "run"), "--data",
+                        str(tmp_path / "data"), "--json", str(out), "--device", "cpu", "--workers", "0", *extra)
+        assert proc.returncode == 0, proc.stderr
+        res = json.loads(out.read_text())
+        assert res["protocol"] == "linear" and res["encoder"] == "vit_pico" and res["random_init"] == bool(extra)
+        assert 0.0 <= res["top1"] <= res["top5"] <= 100.0 and res["num_train"] == 12 and res["num_val"] == 6
