@@ -1,12 +1,13 @@
 """The three Triton kernels behind triton_infonce.py (see there for the algorithm and its precision).
 
-Plain functions, decorated by triton_infonce._jitted on first use; each program owns one block of rows and
-keeps a whole feature row (BLOCK_D >= D) in its tile.
+Each program owns one block of rows and keeps a whole feature row (BLOCK_D >= D) in its tile.
 """
 
+import triton
 import triton.language as tl
 
 
+@triton.jit
 def lse_kernel(A, C, LSE, M, N, D, scale, self_offset, HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
                PRECISION: tl.constexpr):
@@ -36,6 +37,7 @@ def lse_kernel(A, C, LSE, M, N, D, scale, self_offset, HAS_SELF: tl.constexpr, B
     tl.store(LSE + rows, run_max + tl.log(run_sum), mask=rows < M)
 
 
+@triton.jit
 def grad_anchor_kernel(A, C, LSE, W, DA, M, N, D, scale, self_offset, HAS_SELF: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -67,6 +69,7 @@ def grad_anchor_kernel(A, C, LSE, W, DA, M, N, D, scale, self_offset, HAS_SELF: 
              mask=(rows[:, None] < M) & (dims[None, :] < D))
 
 
+@triton.jit
 def grad_candidate_kernel(A, C, LSE, W, DC, M, N, D, scale, self_offset, HAS_SELF: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           UPCAST: tl.constexpr, PRECISION: tl.constexpr):

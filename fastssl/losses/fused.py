@@ -52,6 +52,9 @@ class _FusedContrastive(torch.autograd.Function):
             loss = per_anchor.mean()
         ctx.save_for_backward(anchors, candidates, extra_positive, positive_index, lse, pos)
         ctx.scale, ctx.self_offset, ctx.backend = scale, self_offset, backend
+        # SimCLR on one process: anchors and candidates are the same tensor. Their gradients are then summed
+        # here in fp32 and returned once, not rounded to bf16 twice and added in bf16 by autograd.
+        ctx.shared = candidates is anchors
         return loss
 
     @staticmethod
@@ -75,12 +78,16 @@ class _FusedContrastive(torch.autograd.Function):
             da, dc = ctx.backend.row_lse_backward(a, c, scale, ctx.self_offset, anchors.dtype, lse, w_lse, need_c)
             pull = (-scale * w_lse)[:, None]  # d loss_i / d pos_i, times d pos_i / d(a_i . positive_i)
             grads = [None] * 7
-            if need_a:
-                grads[0] = _unit_backward(a, a_norm, unit * (da + pull * positive)).to(anchors.dtype)
+            d_anchor = da + pull * positive
             if need_c:
                 if positive_index is not None:
                     dc = dc.index_add(0, positive_index, pull * a)
-                grads[1] = _unit_backward(c, c_norm, unit * dc).to(candidates.dtype)
+                if ctx.shared:
+                    d_anchor, need_a = d_anchor + dc, True
+                else:
+                    grads[1] = _unit_backward(c, c_norm, unit * dc).to(candidates.dtype)
+            if need_a:
+                grads[0] = _unit_backward(a, a_norm, unit * d_anchor).to(anchors.dtype)
             if need_p:
                 grads[2] = _unit_backward(positive, p_norm, unit * (pull * a)).to(extra_positive.dtype)
         return tuple(grads)

@@ -10,7 +10,8 @@ from fastssl.losses._common import Contrast, info_nce_contrast, nt_xent_contrast
 
 def contrastive_loss(c: Contrast) -> torch.Tensor:
     a = F.normalize(c.anchors.float(), dim=1)
-    cand = F.normalize(c.candidates.float(), dim=1)
+    # One cast when anchors are the candidates (SimCLR, one process): the two gradients then add in fp32.
+    cand = a if c.candidates is c.anchors else F.normalize(c.candidates.float(), dim=1)
     logits = a @ cand.t() / c.temperature
     rows = torch.arange(a.shape[0], device=a.device)
     if c.self_offset is not None:

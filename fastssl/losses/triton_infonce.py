@@ -10,22 +10,21 @@ the operand dtype before the second matmul, as flash-attention does. fp32 operan
 float32 matmul precision setting ("highest" -> exact fp32, otherwise tf32), like the naive impl's matmul.
 The similarity is scaled and masked in fp32.
 
-The kernels (_triton_kernels.py) are decorated on first use, not at import: Triton reads TRITON_INTERPRET
-when it decorates, and tests on a CPU set it after this module may already have been imported. The interpreter (numpy) computes a
-bf16 tl.dot wrongly, so there the operands are upcast to fp32 right after loading (exact, and the same
+On a CPU the kernels run in Triton's interpreter when TRITON_INTERPRET=1 is set before triton is first
+imported (Triton decorates its own tl.sum/tl.zeros at import). The interpreter (numpy) computes a bf16
+tl.dot wrongly, so there the operands are upcast to fp32 right after loading (exact, and the same
 products a tensor core forms); it also truncates instead of rounding on fp32 -> bf16, so P's rounding is
 slightly coarser there than on a GPU.
 """
 
 from __future__ import annotations
 
-import functools
-from types import SimpleNamespace
-
 import torch
 
 try:
     import triton
+
+    from fastssl.losses import _triton_kernels as kernels
 except ImportError:  # optional: chunked.py is the fallback
     triton = None
 
@@ -49,15 +48,6 @@ def unavailable_reason(device: torch.device, dim: int) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=2)
-def _jitted(interpret: bool) -> SimpleNamespace:
-    # `interpret` only keys the cache: triton.jit itself reads the flag and builds the matching object.
-    from fastssl.losses import _triton_kernels as k
-
-    return SimpleNamespace(lse=triton.jit(k.lse_kernel), grad_anchor=triton.jit(k.grad_anchor_kernel),
-                           grad_candidate=triton.jit(k.grad_candidate_kernel))
-
-
 def _operand_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
@@ -77,7 +67,7 @@ def row_lse(a: torch.Tensor, c: torch.Tensor, scale: float, self_offset: int | N
     (m, d), n = a.shape, c.shape[0]
     lse = torch.empty(m, device=a.device, dtype=torch.float32)
     args = _launch_args(d, self_offset, op)
-    _jitted(_interpreting()).lse[(triton.cdiv(m, args["BLOCK_M"]),)](
+    kernels.lse_kernel[(triton.cdiv(m, args["BLOCK_M"]),)](
         a, c, lse, m, n, d, scale, self_offset or 0, **args)
     return lse
 
@@ -90,13 +80,12 @@ def row_lse_backward(a: torch.Tensor, c: torch.Tensor, scale: float, self_offset
     lse, weight = lse.contiguous(), weight.float().contiguous()
     (m, d), n = a.shape, c.shape[0]
     args = _launch_args(d, self_offset, op)
-    kernels = _jitted(_interpreting())
     da = torch.empty(m, d, device=a.device, dtype=torch.float32)
-    kernels.grad_anchor[(triton.cdiv(m, args["BLOCK_M"]),)](
+    kernels.grad_anchor_kernel[(triton.cdiv(m, args["BLOCK_M"]),)](
         a, c, lse, weight, da, m, n, d, scale, self_offset or 0, **args)
     dc = None
     if need_dc:
         dc = torch.empty(n, d, device=a.device, dtype=torch.float32)
-        kernels.grad_candidate[(triton.cdiv(n, args["BLOCK_N"]),)](
+        kernels.grad_candidate_kernel[(triton.cdiv(n, args["BLOCK_N"]),)](
             a, c, lse, weight, dc, m, n, d, scale, self_offset or 0, **args)
     return da, dc
