@@ -11,11 +11,13 @@ Per view, with x in [0, 1] float HWC:
 1. crop + resize: `fn.resize` of the box's region of interest (bilinear, antialiased when shrinking as
    torchvision's antialias=True); a horizontal flip is the same ROI with x0 and x1 exchanged, which
    DALI resamples mirrored, so it costs nothing.
-2. colour jitter: conditionals (`enable_conditionals=True`). Composing the four ops as one colour matrix
-   would not be exact: each op clamps to [0, 1], contrast blends with the mean of the *current* image and
-   hue is a piecewise rotation in HSV, so each of the 4 positions is an if/elif on that sample's op id.
-   Brightness, contrast and saturation are `ops`' blend clamp(f x + (1 - f) t); hue is `ops.adjust_hue`'s
-   closed form (max - (max - min) * clamp(min(k, 4 - k), 0, 1)) in DALI arithmetic.
+2. colour jitter: the host resolves each sample's random order into, per position, a blend factor and
+   target (`ops.color_jitter`'s formulation): clamp(f x + (1 - f) t) with t = 0 (brightness), the mean
+   grey (contrast) or the grey image (saturation), f = 1 (an exact identity) where the sample rotates hue
+   or skips jitter. Hue, a piecewise rotation in HSV, runs under a conditional (`enable_conditionals=True`)
+   at the positions where a sample has it, as `ops.adjust_hue`'s closed form
+   (max - (max - min) * clamp(min(k, 4 - k), 0, 1)). Composing the four ops as one colour matrix would not
+   be exact: each op clamps to [0, 1], contrast uses the mean of the *current* image, and hue is not linear.
 3. grayscale and 5. solarise: arithmetic masks (x (1 - m) + y m with m in {0, 1} is exact and cheaper
    than splitting the batch); 4. blur: a conditional, so unblurred samples skip the convolution
    (`fn.gaussian_blur` samples torchvision's kernel and mirrors at borders as its reflect padding).
@@ -34,11 +36,19 @@ from nvidia.dali import pipeline_def
 from pipelines import ops
 from pipelines.augment import AugmentSpec, ViewSpec
 
-# One float32 row per sample and view.
-ROI = slice(0, 4)  # y0, x0, y1, x1: the box as DALI's roi_start / roi_end (x exchanged when flipped)
-JITTER, FACTORS, ORDER, GRAY, BLUR, SIGMA, SOLARIZE = 4, 5, 9, 13, 14, 15, 16
-PARAM_COLUMNS = 17
+# One float32 row per sample and view: the box as DALI's roi_start / roi_end (x exchanged when flipped),
+# then per jitter position k (0..3) the blend factor f, 1 - f, whether the blend target is the mean grey
+# (contrast) or the grey image (saturation) (neither: 0, brightness), whether hue rotates there; then the
+# hue shift and the grey / blur / sigma / solarise draws.
+ROI = slice(0, 4)
+POSITION, F, ONE_MINUS_F, TO_MEAN, TO_GRAY, HUE_HERE = 4, 0, 1, 2, 3, 4  # column = POSITION + 5 k + field
+SHIFT, GRAY, BLUR, SIGMA, SOLARIZE = 24, 25, 26, 27, 28
+PARAM_COLUMNS = 29
 LUMA = ops._LUMA  # one definition of grey for both backends (ITU-R 601-2)
+# Channel n of a hue-rotated pixel reads k = (n + 6 H) mod 6 with n = 5, 3, 1 for R, G, B (ops.adjust_hue).
+_HUE_SECTOR_OFFSETS = [5.0, 3.0, 1.0]
+_NEXT_MINUS_PREVIOUS = [0, 1, -1, -1, 0, 1, 1, -1, 0]  # (g - b, b - r, r - g): hue within the max's sector
+_EARLIER_CHANNELS = [0, 0, 0, 1, 0, 0, 1, 1, 0]  # how many channels before this one are maxima too
 
 # nvJPEG buffers sized for an ImageNet-scale JPEG up front (DALI's own ResNet-50 example uses these
 # figures): allocated once per decoder thread instead of re-grown while the first epoch meets ever larger
@@ -48,14 +58,27 @@ HOST_MEMORY_PADDING = 140_544_512
 
 
 def pack_view_params(boxes: np.ndarray, p: ops.ViewParams) -> np.ndarray:
-    """(N, PARAM_COLUMNS) float32 rows from crop boxes (N, 4) (y0, x0, h, w) and one view's parameters."""
+    """(N, PARAM_COLUMNS) float32 rows from crop boxes (N, 4) (y0, x0, h, w) and one view's parameters.
+
+    The jitter order is resolved here, on the host, into per-position blend factors and targets (as
+    `ops.color_jitter` does with masks), so the graph needs a branch only for hue.
+    """
     y0, x0, h, w = (np.asarray(boxes, dtype=np.float64)[:, i] for i in range(4))
-    flip = p.flip.cpu().numpy()
-    out = np.empty((len(y0), PARAM_COLUMNS), dtype=np.float32)
+    flip, jitter = p.flip.cpu().numpy(), p.jitter.cpu().numpy()
+    factors, order = p.factors.cpu().numpy(), p.order.cpu().numpy()
+    out = np.zeros((len(y0), PARAM_COLUMNS), dtype=np.float32)
     out[:, ROI] = np.stack([y0, np.where(flip, x0 + w, x0), y0 + h, np.where(flip, x0, x0 + w)], axis=1)
-    out[:, JITTER] = p.jitter.cpu().numpy()
-    out[:, FACTORS:FACTORS + 4] = p.factors.cpu().numpy()
-    out[:, ORDER:ORDER + 4] = p.order.cpu().numpy()
+    for k in range(4):
+        op = order[:, k]
+        blend = jitter & (op != ops.HUE)
+        f = np.where(blend, factors[np.arange(len(op)), np.minimum(op, ops.SATURATION)], 1.0).astype(np.float32)
+        col = POSITION + 5 * k
+        out[:, col + F] = f
+        out[:, col + ONE_MINUS_F] = np.float32(1.0) - f  # float32 as `ops._blend` computes it
+        out[:, col + TO_MEAN] = blend & (op == ops.CONTRAST)
+        out[:, col + TO_GRAY] = blend & (op == ops.SATURATION)
+        out[:, col + HUE_HERE] = jitter & (op == ops.HUE)
+    out[:, SHIFT] = factors[:, ops.HUE]
     out[:, GRAY] = p.gray.cpu().numpy()
     out[:, BLUR] = p.blur.cpu().numpy()
     out[:, SIGMA] = p.sigma.cpu().numpy()
@@ -64,53 +87,37 @@ def pack_view_params(boxes: np.ndarray, p: ops.ViewParams) -> np.ndarray:
 
 
 def _gray(x):
-    """H x W x 1 luma of H x W x 3 RGB."""
-    return x[:, :, 0:1] * LUMA[0] + x[:, :, 1:2] * LUMA[1] + x[:, :, 2:3] * LUMA[2]
-
-
-def _blend(x, target, factor):
-    return dmath.clamp(factor * x + (1.0 - factor) * target, 0.0, 1.0)
+    """H x W x 1 luma of H x W x 3 RGB (a 1 x 3 matrix applied to each pixel)."""
+    return fn.coord_transform(x, M=list(LUMA))
 
 
 def _hue(x, shift):
-    """torchvision's HSV hue rotation by `shift` turns, as `ops.adjust_hue` (same ties: red, then green)."""
-    r, g, b = x[:, :, 0:1], x[:, :, 1:2], x[:, :, 2:3]
-    maxc = dmath.max(r, dmath.max(g, b))
-    delta = maxc - dmath.min(r, dmath.min(g, b))
+    """torchvision's HSV hue rotation by `shift` turns, as `ops.adjust_hue` (same ties: red, then green).
+
+    Written channel-wise with 3 x 3 pixel matrices (fn.coord_transform) rather than per-channel slices:
+    each DALI arithmetic call is one pass over the batch, so fewer calls is less memory traffic.
+    """
+    maxc = fn.reductions.max(x, axes=[2], keep_dims=True)
+    delta = maxc - fn.reductions.min(x, axes=[2], keep_dims=True)
     safe = delta + fn.cast(delta <= 0.0, dtype=types.FLOAT)  # grey pixels: any hue gives back grey
-    is_r = fn.cast(r == maxc, dtype=types.FLOAT)
-    is_g = fn.cast(g == maxc, dtype=types.FLOAT) * (1.0 - is_r)
-    is_b = 1.0 - is_r - is_g
-    h = (is_r * (g - b) + is_g * (2.0 * safe + b - r) + is_b * (4.0 * safe + r - g)) / safe + 6.0 * shift
-    channels = []
-    for n in (5.0, 3.0, 1.0):
-        k = n + h
-        k = k - 6.0 * dmath.floor(k / 6.0)
-        channels.append(maxc - delta * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0))
-    return fn.cat(*channels, axis=2)
-
-
-def _jitter_op(x, p, op_id, view: ViewSpec):
-    if op_id == ops.BRIGHTNESS:
-        return _blend(x, 0.0, p[FACTORS + ops.BRIGHTNESS])
-    if op_id == ops.CONTRAST:
-        return _blend(x, fn.reductions.mean(_gray(x)), p[FACTORS + ops.CONTRAST])
-    if op_id == ops.SATURATION:
-        return _blend(x, _gray(x), p[FACTORS + ops.SATURATION])
-    return _hue(x, p[FACTORS + ops.HUE]) if view.hue > 0 else x
+    is_max = fn.cast(x == maxc, dtype=types.FLOAT)
+    first_max = is_max * fn.cast(fn.coord_transform(is_max, M=_EARLIER_CHANNELS) == 0.0, dtype=types.FLOAT)
+    within = fn.coord_transform(first_max * fn.coord_transform(x, M=_NEXT_MINUS_PREVIOUS), M=[1.0, 1.0, 1.0])
+    h6 = fn.coord_transform(first_max, M=[0.0, 2.0, 4.0]) + within / safe + 6.0 * shift
+    k = fn.coord_transform(h6, M=[1.0, 1.0, 1.0], T=_HUE_SECTOR_OFFSETS)
+    k = k - 6.0 * dmath.floor(k * (1.0 / 6.0))
+    return maxc - delta * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0)
 
 
 def _color_jitter(x, p, view: ViewSpec):
     for k in range(4):
-        op = p[ORDER + k]
-        if op == ops.BRIGHTNESS:
-            x = _jitter_op(x, p, ops.BRIGHTNESS, view)
-        elif op == ops.CONTRAST:
-            x = _jitter_op(x, p, ops.CONTRAST, view)
-        elif op == ops.SATURATION:
-            x = _jitter_op(x, p, ops.SATURATION, view)
-        else:
-            x = _jitter_op(x, p, ops.HUE, view)
+        col = POSITION + 5 * k
+        g = _gray(x)
+        target = p[col + TO_MEAN] * fn.reductions.mean(g) + p[col + TO_GRAY] * g
+        x = dmath.clamp(p[col + F] * x + p[col + ONE_MINUS_F] * target, 0.0, 1.0)
+        if view.hue > 0:
+            if p[col + HUE_HERE] > 0.5:
+                x = _hue(x, p[SHIFT])
     return x
 
 
@@ -119,10 +126,7 @@ def _view(image, p, view: ViewSpec, size: int, mean, std):
                   interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
     x = x * (1.0 / 255.0)
     if view.jitter_p > 0 and max(view.brightness, view.contrast, view.saturation, view.hue) > 0:
-        if view.jitter_p >= 1:
-            x = _color_jitter(x, p, view)
-        elif p[JITTER] > 0.5:
-            x = _color_jitter(x, p, view)
+        x = _color_jitter(x, p, view)
     if view.gray_p > 0:
         m = p[GRAY]
         x = x * (1.0 - m) + _gray(x) * m
