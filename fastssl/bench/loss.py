@@ -109,9 +109,9 @@ def _skip_reason(impl: str, n: int, prev: dict | None, cfg: dict, free_bytes: fl
         est_bytes = prev["peak_mib"] * 2**20 * (growth ** 2 if impl == "naive" else growth)
         est_s = prev["time_s"] * growth ** 2 * (cfg["repeats"] + 1)
         if est_s > cfg["max_seconds"]:
-            return f"~{est_s:.0f} s estimated > --max-seconds {cfg['max_seconds']:g}"
+            return f"time ~{est_s:.0f} s > {cfg['max_seconds']:g} s"
     if est_bytes > 0.8 * free_bytes:
-        return f"~{est_bytes / 2**30:.1f} GiB estimated, {free_bytes / 2**30:.1f} GiB free"
+        return f"memory ~{est_bytes / 2**30:.1f} GiB > 80% of {free_bytes / 2**30:.1f} GiB free"
     return None
 
 
@@ -178,7 +178,7 @@ def _add_ratios(rows: list[dict]) -> None:
 COLUMNS = (Column("impl", "impl", justify="left"), Column("n", "N", "{:d}"), Column("d", "D", "{:d}"),
            Column("time_s", "fwd+bwd s"), Column("peak_mib", "peak MiB"),
            Column("memory_saving", "mem saving"), Column("time_vs_naive", "time ratio"),
-           Column("loss_value", "loss", "{:.5f}"), Column("skipped", "skipped", justify="left"))
+           Column("loss_value", "loss", "{:.5f}"), Column("skipped", "skipped (estimate)", justify="left", wrap=True))
 
 
 def show(record: BenchRecord) -> None:

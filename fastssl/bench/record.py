@@ -133,6 +133,7 @@ class Column:
     header: str
     fmt: str = "{:.3g}"  # applied to numbers; other values are shown as str(), None as an em dash
     justify: str = "right"
+    wrap: bool = False  # only free-text columns should wrap; numbers stay on one line
 
 
 def _cell(value, fmt: str) -> str:
@@ -150,10 +151,14 @@ def print_table(title: str, columns: Sequence[Column], rows: Sequence[dict[str, 
 
     table = Table(title=title, caption=caption or None, caption_justify="left")
     for col in columns:
-        table.add_column(col.header, justify=col.justify)
+        table.add_column(col.header, justify=col.justify, no_wrap=not col.wrap)
     for row in rows:
         table.add_row(*(_cell(row.get(col.key), col.fmt) for col in columns))
-    (console or Console()).print(table)
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped to a file or CI log: rich would assume 80 columns and squeeze
+            console = Console(width=160)
+    console.print(table)
 
 
 # --- plots -----------------------------------------------------------------------------------------------------

@@ -28,10 +28,11 @@ def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x / norm.clamp_min(_EPS), norm
 
 
-def _unit_backward(x_hat: torch.Tensor, norm: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def _unit_backward_(x_hat: torch.Tensor, norm: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Overwrites `grad` (w.r.t. x_hat) with the gradient w.r.t. x: in place, no further (N, D) buffer."""
     # d(x/|x|) = (I - x_hat x_hat^T) / |x|; below eps F.normalize divides by the constant eps instead.
-    radial = torch.where(norm > _EPS, (x_hat * grad).sum(1, keepdim=True), torch.zeros_like(norm))
-    return (grad - x_hat * radial) / norm.clamp_min(_EPS)
+    radial = torch.linalg.vecdot(x_hat, grad, dim=1).unsqueeze(1).masked_fill_(norm <= _EPS, 0.0)
+    return grad.addcmul_(x_hat, radial, value=-1.0).div_(norm.clamp_min(_EPS))
 
 
 class _FusedContrastive(torch.autograd.Function):
@@ -41,7 +42,7 @@ class _FusedContrastive(torch.autograd.Function):
         with torch.autocast(anchors.device.type, enabled=False):
             scale = 1.0 / temperature
             a, _ = _unit(anchors)
-            c, _ = _unit(candidates)
+            c = a if candidates is anchors else _unit(candidates)[0]
             lse = backend.row_lse(a, c, scale, self_offset, anchors.dtype)
             positive = c[positive_index] if positive_index is not None else _unit(extra_positive)[0]
             pos = scale * (a * positive).sum(1)
@@ -64,7 +65,7 @@ class _FusedContrastive(torch.autograd.Function):
         scale, m = ctx.scale, anchors.shape[0]
         with torch.autocast(anchors.device.type, enabled=False):
             a, a_norm = _unit(anchors)
-            c, c_norm = _unit(candidates)
+            c, c_norm = (a, a_norm) if ctx.shared else _unit(candidates)
             # Row weights stay O(1) and the 1/M of the mean is applied afterwards in fp32: folded into the
             # softmax block it would underflow fp16 (P ~ 1/M * softmax) before the second matmul.
             unit = grad_loss.float() / m
@@ -78,18 +79,18 @@ class _FusedContrastive(torch.autograd.Function):
             da, dc = ctx.backend.row_lse_backward(a, c, scale, ctx.self_offset, anchors.dtype, lse, w_lse, need_c)
             pull = (-scale * w_lse)[:, None]  # d loss_i / d pos_i, times d pos_i / d(a_i . positive_i)
             grads = [None] * 7
-            d_anchor = da + pull * positive
+            d_anchor = da.addcmul_(pull, positive)
             if need_c:
                 if positive_index is not None:
-                    dc = dc.index_add(0, positive_index, pull * a)
+                    dc.index_add_(0, positive_index, pull * a)
                 if ctx.shared:
-                    d_anchor, need_a = d_anchor + dc, True
+                    d_anchor, need_a = d_anchor.add_(dc), True
                 else:
-                    grads[1] = _unit_backward(c, c_norm, unit * dc).to(candidates.dtype)
+                    grads[1] = _unit_backward_(c, c_norm, dc.mul_(unit)).to(candidates.dtype)
             if need_a:
-                grads[0] = _unit_backward(a, a_norm, unit * d_anchor).to(anchors.dtype)
+                grads[0] = _unit_backward_(a, a_norm, d_anchor.mul_(unit)).to(anchors.dtype)
             if need_p:
-                grads[2] = _unit_backward(positive, p_norm, unit * (pull * a)).to(extra_positive.dtype)
+                grads[2] = _unit_backward_(positive, p_norm, (unit * pull) * a).to(extra_positive.dtype)
         return tuple(grads)
 
 
