@@ -18,6 +18,8 @@ has no quasi-random order.
 
 from __future__ import annotations
 
+import queue
+
 import numpy as np
 import torch
 
@@ -144,13 +146,18 @@ class FFCVViewLoader:
             return
         self._planned = np.concatenate(todo)
         torch_threads = torch.get_num_threads()
-        for k, (region, index_label) in enumerate(self.loader):
-            if k == 0:
-                torch.set_num_threads(torch_threads)  # ffcv's epoch thread set it to its worker count
-            idx = index_label[:, 0].copy()
-            if not np.array_equal(idx, todo[k]):
-                raise RuntimeError(f"ffcv returned batch {k} out of plan")  # a bug, not a user error
-            yield self._views(region, idx, index_label[:, 1].copy(), epoch, start + k)
+        epoch_iterator = iter(self.loader)
+        try:
+            for k in range(len(todo)):
+                region, index_label = _next_batch(epoch_iterator)
+                if k == 0:
+                    torch.set_num_threads(torch_threads)  # ffcv's epoch thread set it to its worker count
+                idx = index_label[:, 0].copy()
+                if not np.array_equal(idx, todo[k]):
+                    raise RuntimeError(f"ffcv returned batch {k} out of plan")  # a bug, not a user error
+                yield self._views(region, idx, index_label[:, 1].copy(), epoch, start + k)
+        finally:
+            epoch_iterator.close()
         self.start_batch = 0
 
     def _views(self, region: np.ndarray, idx: np.ndarray, labels: np.ndarray, epoch: int, step: int) -> ViewBatch:
@@ -166,6 +173,24 @@ class FFCVViewLoader:
                       for v, view in enumerate(s.views))
         return ViewBatch(views=views, labels=torch.from_numpy(labels).to(self.device),
                          indices=torch.from_numpy(idx).to(self.device))
+
+
+def _next_batch(epoch_iterator):
+    """ffcv's EpochIterator.__next__, except that a dead decode thread raises instead of blocking forever."""
+    while True:
+        try:
+            got = epoch_iterator.output_queue.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not epoch_iterator.is_alive():
+                raise RuntimeError("ffcv's decode thread stopped before the end of the epoch (its traceback "
+                                   "is printed above)") from None
+    if got is None:
+        raise RuntimeError("ffcv ended the epoch before the planned batches")
+    slot, result = got
+    if epoch_iterator.cuda_streams[slot] is not None:
+        epoch_iterator.current_stream.wait_stream(epoch_iterator.cuda_streams[slot])
+    return result
 
 
 class _PlannedOrder:

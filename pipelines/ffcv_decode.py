@@ -18,6 +18,7 @@ from dataclasses import replace
 import numba
 import numpy as np
 from ffcv.libffcv import imdecode, memcpy
+from ffcv.memory_managers import OSCacheManager, ProcessCacheManager
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
@@ -27,6 +28,36 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 JPEG_MODE = 0  # ffcv.fields.rgb_image.IMAGE_MODES["jpg"]
+
+
+def _readonly(dtype, ndim: int):
+    return types.Array(dtype, ndim, "C", readonly=True)
+
+
+# ffcv 1.0.2's memory managers declare their state type by setting `.mutable = False` on numba's interned
+# `uint8[::1]`-style types. That changes the hash of types already used as dictionary keys, so the next
+# loader in the process fails inside numba with a KeyError (and numba's finalizers print more of them).
+# The same types, built fresh instead of mutated (and the one signature that relied on the mutation):
+OSCacheManager.state_type = property(
+    lambda self: types.Tuple([_readonly(types.uint8, 1), _readonly(types.uint64, 1), _readonly(types.uint64, 1)]))
+
+
+def _os_cache_reader(self):
+    def read(address, mem_state):
+        size = mem_state[2][np.searchsorted(mem_state[1], address)]
+        return mem_state[0][address:address + size]
+
+    return Compiler.compile(read, _readonly(types.uint8, 1)(types.uint64, self.state_type))
+
+
+OSCacheManager.compile_reader = _os_cache_reader
+ProcessCacheManager.state_type = property(
+    lambda self: types.Tuple([_readonly(types.uint8, 2), _readonly(types.uint64, 1), _readonly(types.uint64, 1),
+                              _readonly(types.uint32, 1)]))
+
+# Compiled once per process and shared by every loader (ffcv compiles its own copies per pipeline).
+_imdecode = numba.njit(nogil=True)(imdecode)
+_memcpy = numba.njit(nogil=True)(memcpy)
 
 
 @intrinsic
@@ -74,8 +105,7 @@ class RegionDecoder(Operation):
     def generate_code(self):
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
-        imdecode_c = Compiler.compile(imdecode)
-        memcpy_c = Compiler.compile(memcpy)
+        imdecode_c, memcpy_c = _imdecode, _memcpy
         read_regions = table_reader(self.regions)
         max_height, max_width = self.max_height, self.max_width
 
