@@ -34,8 +34,8 @@ pytestmark = [pytest.mark.triton,
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RUNNABLE_HERE = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 kernels_here = pytest.mark.skipif(not RUNNABLE_HERE, reason="runs in test_kernels_in_the_interpreter's process")
-# Odd sizes against the 64 x 64 tiles: 2*37 = 74 SimCLR rows, 83 MoCo rows, 101 queue rows -- each a full
-# tile plus a ragged one.
+# Odd sizes against the 64-row tiles (32 for fp32 D=256): 2*37 = 74 SimCLR rows, 83 MoCo rows, 101 queue
+# rows -- full tiles plus a ragged one.
 SIZES = {"nt_xent": 37, "info_nce": 83, "info_nce_queue": 83}
 
 

@@ -3,7 +3,7 @@
     naive    builds the (M x C) logits; the reference (reference.py)
     chunked  row blocks in plain torch, recomputed in backward: O(N*D) memory (chunked.py)
     triton   tiled kernels with an online log-sum-exp: O(N*D) memory (triton_infonce.py)
-    auto     triton on CUDA when it imports, else chunked
+    auto     triton on CUDA when it imports (and D <= 256, a tile's width), else chunked
 
 When torch.distributed is initialised the negatives are those of the global batch, gathered with gradients
 (dist.py explains how the gradient scale matches the single-process loss on the concatenated batch).
@@ -16,7 +16,7 @@ import importlib
 import torch
 
 from fastssl.errors import UserError
-from fastssl.losses import fused, reference
+from fastssl.losses import chunked, fused, reference
 from fastssl.losses._common import Contrast, info_nce_contrast, nt_xent_contrast
 
 IMPLS = ("auto", "naive", "chunked", "triton")
@@ -46,8 +46,7 @@ def _evaluate(c: Contrast, impl: str) -> torch.Tensor:
     impl = resolve_impl(impl, c.anchors.device, c.anchors.shape[1])
     if impl == "naive":
         return reference.contrastive_loss(c)
-    backend = _triton_backend() if impl == "triton" else importlib.import_module("fastssl.losses.chunked")
-    return fused.contrastive_loss(c, backend)
+    return fused.contrastive_loss(c, _triton_backend() if impl == "triton" else chunked)
 
 
 def _check(name: str, x: torch.Tensor, like: torch.Tensor | None = None) -> None:

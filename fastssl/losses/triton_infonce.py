@@ -54,10 +54,16 @@ def _operand_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _launch_args(d: int, self_offset: int | None, dtype: torch.dtype) -> dict:
     block_d = max(16, triton.next_power_of_2(d))
-    precision = "tf32" if torch.get_float32_matmul_precision() != "highest" else "ieee"
-    return dict(HAS_SELF=self_offset is not None, BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d,
-                UPCAST=_interpreting() and dtype != torch.float32, PRECISION=precision,
-                num_warps=4 if block_d <= 128 else 8)
+    row_bytes = block_d * torch.finfo(dtype).bits // 8
+    # Shared memory per program ~ one resident tile + num_stages streamed tiles: 64-row tiles up to 512 B per
+    # row (bf16 D=256, fp32 D=128: 32 + 2 x 32 KiB), 32-row tiles beyond (fp32 D=256: the same 96 KiB), well
+    # under an H100's 227 KiB. Chosen on paper, not yet tuned on a GPU.
+    block = 64 if row_bytes <= 512 else 32
+    # tf32 vs exact fp32 only exists for fp32 operands; for 16-bit ones the flag is ignored ("tf32" = default).
+    exact = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    return dict(HAS_SELF=self_offset is not None, BLOCK_M=block, BLOCK_N=block,
+                BLOCK_D=block_d, UPCAST=_interpreting() and dtype != torch.float32,
+                PRECISION="ieee" if exact else "tf32", num_warps=4 if block_d <= 128 else 8, num_stages=2)
 
 
 def row_lse(a: torch.Tensor, c: torch.Tensor, scale: float, self_offset: int | None,
