@@ -67,6 +67,8 @@ class _Samples:
             # An exception here kills the worker and ffcv's writer then waits forever for its samples;
             # tell the parent and leave, so the watchdog can stop the conversion with this message.
             self.errors.put(str(e))
+            self.errors.close()
+            self.errors.join_thread()  # os._exit would drop a message still in the queue's feeder thread
             os._exit(3)
 
 
