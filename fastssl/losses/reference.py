@@ -15,7 +15,7 @@ def contrastive_loss(c: Contrast) -> torch.Tensor:
     logits = a @ cand.t() / c.temperature
     rows = torch.arange(a.shape[0], device=a.device)
     if c.self_offset is not None:
-        logits = logits.index_put((rows, rows + c.self_offset), torch.tensor(float("-inf"), device=a.device))
+        logits[rows, rows + c.self_offset] = float("-inf")  # in place: no extra N x N copy
     if c.positive_index is not None:
         return F.cross_entropy(logits, c.positive_index)
     # Positive logit first, then the candidates (MoCo v2's Algorithm 1).
@@ -27,5 +27,6 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.1) -> t
     return contrastive_loss(nt_xent_contrast(z_a, z_b, temperature))
 
 
-def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, *, queue: torch.Tensor | None = None) -> torch.Tensor:
+def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, *,
+             queue: torch.Tensor | None = None) -> torch.Tensor:
     return contrastive_loss(info_nce_contrast(q, k, temperature, queue))
