@@ -1,0 +1,220 @@
+"""The FFCV backend (pipelines/ffcv.py): decode-once regions, crop statistics, orders, sharding, resume.
+
+Oracles: source pixels decoded by PIL (raw .beton: exact; JPEG .beton: JPEG tolerance), torchvision's
+RandomResizedCrop.get_params for the crop distribution, base.shard_batches for the shared order, and
+binomial tolerances for per-view application rates. One loader per file and order is compiled once per
+module (numba's first compile takes ~10-20 s here) and reused through set_epoch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from test_convert_ffcv import make_image_folder, source_samples
+
+ffcv = pytest.importorskip("ffcv")
+pytestmark = pytest.mark.ffcv
+
+N_IMAGES = 24  # 4 classes x 6
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from fastssl.data.beton import convert_image_folder
+
+    root = tmp_path_factory.mktemp("ffcv")
+    folder = make_image_folder(root / "if", classes=4, per_class=6, corrupt=False)
+    raw = convert_image_folder(folder, root / "raw.beton", write_mode="raw", page_mib=2).path
+    jpg = convert_image_folder(folder, root / "jpg.beton", jpeg_quality=95, page_mib=2).path
+    return {"folder": folder, "raw": raw, "jpg": jpg, "source": source_samples(folder)}
+
+
+def make_loader(path, *, spec=None, process_index=0, num_processes=1, batch_size=8, order="shared",
+                drop_last=True, workers=1):
+    from pipelines.augment import preset
+    from pipelines.base import LoaderContext
+    from pipelines.ffcv import FFCVViewLoader
+
+    ctx = LoaderContext(device=torch.device("cpu"), process_index=process_index, num_processes=num_processes,
+                        seed=7)
+    return FFCVViewLoader(str(path), spec or preset("simclr", 16), ctx, batch_size=batch_size, workers=workers,
+                          order=order, drop_last=drop_last)
+
+
+@pytest.fixture(scope="module")
+def raw_loader(data):
+    return make_loader(data["raw"])
+
+
+def record_make_view(monkeypatch):
+    """Wrap pipelines.ffcv.make_view to keep what each call received."""
+    import pipelines.ffcv as backend
+
+    calls, real = [], backend.make_view
+
+    def spy(images, boxes, *args, **kwargs):
+        calls.append((images, boxes.clone()))
+        return real(images, boxes, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "make_view", spy)
+    return calls
+
+
+def check_regions(loader, batches, calls, source, max_abs_mean):
+    """Both views cut from ONE decoded region per batch; region pixels equal the source's box; edge padding."""
+    assert len(calls) == 2 * len(batches)
+    for b, batch in enumerate(batches):
+        (images, boxes0), (images1, boxes1) = calls[2 * b], calls[2 * b + 1]
+        assert images1 is images  # decoded once, shared by both views
+        idx = batch.indices.numpy()
+        assert batch.labels.tolist() == [source[i][1] for i in idx]
+        for row, i in enumerate(idx):
+            y0, x0, h, w = loader.regions[i].tolist()
+            src = source[i][0]
+            for vb in (loader.view_boxes[i, 0], loader.view_boxes[i, 1]):  # views inside the region
+                assert y0 <= vb[0] and x0 <= vb[1] and vb[0] + vb[2] <= y0 + h and vb[1] + vb[3] <= x0 + w
+            for v, rel in enumerate((boxes0[row], boxes1[row])):  # relative boxes = absolute - region origin
+                assert torch.equal(rel, torch.from_numpy(loader.view_boxes[i, v] - [y0, x0, 0, 0]))
+            got = images[row].permute(1, 2, 0).numpy()
+            err = np.abs(got[:h, :w].astype(float) - src[y0:y0 + h, x0:x0 + w]).mean()
+            assert err <= max_abs_mean, (i, err)
+            assert (got[h:, :w] == got[h - 1:h, :w]).all() and (got[:, w:] == got[:, w - 1:w]).all()
+
+
+def test_raw_regions_are_exact_and_decoded_once(data, raw_loader, monkeypatch):
+    calls = record_make_view(monkeypatch)
+    raw_loader.set_epoch(0)
+    batches = list(raw_loader)
+    assert len(batches) == len(raw_loader) == N_IMAGES // 8
+    assert sorted(np.concatenate([b.indices.numpy() for b in batches]).tolist()) == list(range(N_IMAGES))
+    for b in batches:
+        assert [v.shape for v in b.views] == [(8, 3, 16, 16)] * 2 and all(v.dtype == torch.float32 for v in b.views)
+    check_regions(raw_loader, batches, calls, data["source"], max_abs_mean=0.0)
+
+
+def test_jpeg_regions_within_jpeg_tolerance(data, monkeypatch):
+    loader = make_loader(data["jpg"], workers=2)  # also the parallel (prange) decode path
+    calls = record_make_view(monkeypatch)
+    batches = list(loader)
+    # Smooth images at JPEG quality 95: mean absolute error ~1 grey level (see test_convert_ffcv).
+    check_regions(loader, batches, calls, data["source"], max_abs_mean=2.0)
+
+
+def test_crop_boxes_follow_torchvision_per_view(raw_loader):
+    """Each view's boxes have torchvision RandomResizedCrop's area and aspect distribution for its own spec."""
+    from torchvision.transforms import RandomResizedCrop
+
+    from pipelines.augment import AugmentSpec, ViewSpec
+
+    spec = AugmentSpec(16, (ViewSpec(crop_scale=(0.08, 1.0)), ViewSpec(crop_scale=(0.5, 1.0), crop_ratio=(0.5, 2.0))))
+    loader = make_loader(raw_loader.path, spec=spec)  # no iteration: draw_boxes is plain numpy
+    epochs = 150
+    area, logr = {0: [], 1: []}, {0: [], 1: []}
+    for e in range(epochs):
+        idx = np.concatenate(loader.epoch_batches(e))
+        loader.draw_boxes(e, idx)
+        for v in (0, 1):
+            b = loader.view_boxes[idx, v]
+            assert (b[:, :2] >= 0).all() and (b[:, 0] + b[:, 2] <= loader.heights[idx]).all()
+            assert (b[:, 1] + b[:, 3] <= loader.widths[idx]).all()
+            area[v].append(b[:, 2] * b[:, 3] / (loader.heights[idx] * loader.widths[idx]))
+            logr[v].append(np.log(b[:, 3] / b[:, 2]))
+    torch.manual_seed(0)
+    for v, view in enumerate(spec.views):
+        ref_area, ref_logr = [], []
+        for _ in range(epochs):
+            for h, w in zip(loader.heights, loader.widths):
+                y, x, bh, bw = RandomResizedCrop.get_params(torch.empty(1, h, w), view.crop_scale, view.crop_ratio)
+                ref_area.append(bh * bw / (h * w))
+                ref_logr.append(math.log(bw / bh))
+        for ours, ref in ((np.concatenate(area[v]), np.array(ref_area)), (np.concatenate(logr[v]), np.array(ref_logr))):
+            # Two independent samples of n = 3600: the difference of means has sd sqrt(s1^2/n + s2^2/n);
+            # 5 sd keeps the false-failure rate below 1e-6 per comparison.
+            sd = math.sqrt(ours.var() / len(ours) + ref.var() / len(ref))
+            assert abs(ours.mean() - ref.mean()) < 5 * sd, (v, ours.mean(), ref.mean())
+
+
+def test_grayscale_rate_matches_the_spec(raw_loader):
+    """SimCLR's gray_p = 0.2 per view: a gray view has equal channels once the normalisation is undone."""
+    spec = raw_loader.spec
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    gray = n = 0
+    for e in range(40):
+        raw_loader.set_epoch(100 + e)
+        for batch in raw_loader:
+            for x in batch.views:
+                x = x * std + mean
+                gray += int(((x[:, 0] - x[:, 1]).abs().amax((1, 2)) < 1e-4).sum())
+                n += x.shape[0]
+    # n = 1920 Bernoulli(0.2) draws: sd = sqrt(0.2 * 0.8 / n) ~ 0.009; 4.5 sd.
+    assert abs(gray / n - spec.views[0].gray_p) < 4.5 * math.sqrt(0.16 / n), gray / n
+
+
+def test_resume_mid_epoch_gives_the_same_batches_and_views(raw_loader):
+    raw_loader.set_epoch(5)
+    full = list(raw_loader)
+    raw_loader.set_epoch(5, start_batch=1)
+    resumed = list(raw_loader)
+    assert len(resumed) == len(full) - 1
+    for a, b in zip(full[1:], resumed):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.labels, b.labels)
+        assert all(torch.equal(x, y) for x, y in zip(a.views, b.views))
+    raw_loader.set_epoch(6)
+    assert not torch.equal(next(iter(raw_loader)).views[0], full[0].views[0])
+
+
+@pytest.mark.parametrize("order", ["shared", "random", "quasi_random", "sequential"])
+def test_two_ranks_are_disjoint_and_complete(data, order):
+    from pipelines.base import shard_batches
+
+    # 24 images, global batch 10, no drop_last: two full batches and a last one of 4 split 2 / 2.
+    ranks = [make_loader(data["raw"], process_index=r, num_processes=2, batch_size=10, order=order,
+                         drop_last=False) for r in (0, 1)]
+    for epoch in (0, 1):
+        per_rank = [ld.epoch_batches(epoch) for ld in ranks]
+        assert len(per_rank[0]) == len(per_rank[1]) == len(ranks[0]) == 3
+        assert [len(b) for b in per_rank[0]] == [len(b) for b in per_rank[1]] == [5, 5, 2]
+        seen = np.concatenate([np.concatenate(b) for b in per_rank])
+        assert sorted(seen.tolist()) == list(range(N_IMAGES))
+        if order == "shared":  # the same batches as every other backend
+            for r in (0, 1):
+                ref = shard_batches(N_IMAGES, 10, 7, epoch, r, 2, drop_last=False)
+                assert all(np.array_equal(a, b) for a, b in zip(per_rank[r], ref))
+    if order != "sequential":
+        assert not np.array_equal(np.concatenate(ranks[0].epoch_batches(0)), np.concatenate(ranks[0].epoch_batches(1)))
+
+
+def test_rank_one_reads_its_own_shard(data):
+    loader = make_loader(data["raw"], process_index=1, num_processes=2, batch_size=10, drop_last=False)
+    got = [b.indices.numpy() for b in loader]  # the loader also checks ffcv followed the plan
+    assert [len(g) for g in got] == [5, 5, 2]
+    assert all(np.array_equal(a, b) for a, b in zip(got, loader.epoch_batches(0)))
+
+
+def test_bad_settings_are_user_errors(data, tmp_path):
+    from fastssl.config import DataConfig
+    from fastssl.errors import UserError
+    from pipelines.augment import preset
+    from pipelines.base import LoaderContext, build_loader
+
+    spec, raw = preset("simclr", 16), str(data["raw"])
+
+    def ctx(p=2):
+        return LoaderContext(device=torch.device("cpu"), num_processes=p)
+
+    cases = [
+        (DataConfig(backend="ffcv", path=str(tmp_path / "no.beton"), batch_size=8), ctx(), "no.beton does not exist"),
+        (DataConfig(backend="ffcv", path=raw, batch_size=7), ctx(), "multiple of the number of processes"),
+        (DataConfig(backend="ffcv", path=raw, batch_size=32), ctx(), "fewer than one global batch"),
+        (DataConfig(backend="ffcv", path=raw, batch_size=10, drop_last=False), ctx(5), "last batch of 4"),
+        (DataConfig(backend="ffcv", path=raw, batch_size=8, ffcv_order="shuffled"), ctx(), "ffcv_order"),
+        (DataConfig(backend="ffcv", path=raw, batch_size=8, device="tpu"), ctx(), "data.device='tpu'"),
+    ]
+    for cfg, context, fragment in cases:
+        with pytest.raises(UserError, match=fragment):
+            build_loader(cfg, spec, context)
