@@ -21,6 +21,9 @@ from fastssl.errors import cli_main  # noqa: E402
 # pay for the imports of `model`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "loss": ("fastssl.bench.loss", "peak memory and fwd+bwd time of the contrastive loss impls over N and D"),
+    "loader": ("fastssl.bench.loader", "views/s and CPU per input backend (torch, dali, ffcv, PIL baseline)"),
+    "model": ("fastssl.bench.model", "training step minus I/O: images/s, TFLOP/s and MFU, eager vs compiled"),
+    "step": ("fastssl.bench.step", "real step with the real loader: input-bound ratio and data-wait share"),
 }
 
 

@@ -1,0 +1,107 @@
+"""fastssl/train.py's training step, for the benchmarks: same method, autocast, backward and optimiser.
+
+`bench model` feeds it a synthetic batch and `bench step` the real loader, so the two differ only in where
+the views come from, which is what the input-bound ratio compares.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastssl.bench import flops
+from fastssl.config import Config
+from fastssl.errors import UserError
+from fastssl.methods import build_method
+from fastssl.optim import build_optimizer
+from fastssl.schedule import scaled_lr
+from fastssl.sync_bn import convert_global_bn
+from fastssl.train import resolve_compile, resolve_precision, split_batch
+
+from pipelines.base import ViewBatch
+
+
+def make_accelerator(device: str = "auto", precision: str = "auto"):
+    """One Accelerator per benchmark process (accelerate's state is a process-wide singleton)."""
+    from accelerate import Accelerator
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device!r}; expected auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but torch sees no CUDA GPU on this machine; use auto or cpu")
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    # resolve_precision picks bf16 whenever a GPU exists; a run forced onto the CPU trains in fp32 as train.py does.
+    return Accelerator(mixed_precision="no" if cpu else resolve_precision(precision), cpu=cpu)
+
+
+class TrainingStep:
+    """fastssl/train.py's step: forward under autocast, backward, optimiser step, zero_grad, after_step.
+
+    The learning rate stays at the scaled peak (the schedule changes no arithmetic), and `after_step`
+    is told a long run so MoCo v3's momentum schedule stays in its normal range.
+    """
+
+    def __init__(self, cfg: Config, accelerator, total_steps: int = 10_000):
+        self.cfg, self.accelerator, self.total_steps = cfg, accelerator, total_steps
+        device = accelerator.device
+        torch.manual_seed(cfg.seed)
+        method = build_method(cfg)
+        if method.global_bn:
+            method = convert_global_bn(method, device)
+        self.channels_last = cfg.model.channels_last and device.type == "cuda"
+        if self.channels_last:
+            method = method.to(memory_format=torch.channels_last)
+        self.method = method.to(device)
+        self.compiled = resolve_compile(cfg.model.compile, device)
+        self.precision = accelerator.mixed_precision
+        self.flops_per_step: int | None = None
+        self._compile_pending = self.compiled
+        peak_lr = scaled_lr(cfg.optim.lr, cfg.data.batch_size, cfg.optim.lr_scaling)
+        self.optimizer = build_optimizer(cfg.optim, self.method, peak_lr)
+        self.method, self.optimizer = accelerator.prepare(self.method, self.optimizer)
+        self.unwrapped = accelerator.unwrap_model(self.method)
+        self.method.train()
+        self.step_index = 0
+
+    def count_flops(self, batch: ViewBatch) -> int:
+        """FLOPs of one forward+backward on `batch`, counted eagerly before any compilation."""
+        if self.flops_per_step is None:
+            if self.step_index and self.compiled:
+                raise RuntimeError("count_flops must run before the first compiled step")  # a bug
+            batch = self._layout(batch)
+
+            def fwd_bwd():
+                for micro in split_batch(batch, self.cfg.train.grad_accum):
+                    with self.accelerator.autocast():
+                        out = self.method(micro)
+                    self.accelerator.backward(out.loss / self.cfg.train.grad_accum)
+
+            self.flops_per_step = flops.count_flops(fwd_bwd)
+            self.optimizer.zero_grad(set_to_none=True)
+        return self.flops_per_step
+
+    def _layout(self, batch: ViewBatch) -> ViewBatch:
+        if self.channels_last:
+            batch = ViewBatch(tuple(v.contiguous(memory_format=torch.channels_last) for v in batch.views),
+                              batch.labels, batch.indices)
+        return batch
+
+    def __call__(self, batch: ViewBatch) -> torch.Tensor:
+        if self._compile_pending:
+            # As train.py: only the trainable networks, so EMA updates and queue writes stay outside.
+            for net in self.unwrapped.compiled_modules():
+                net.compile(dynamic=False)
+            self._compile_pending = False
+        batch = self._layout(batch)
+        grad_accum = self.cfg.train.grad_accum
+        for micro in split_batch(batch, grad_accum):
+            with self.accelerator.autocast():
+                out = self.method(micro)
+            self.accelerator.backward(out.loss / grad_accum)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.unwrapped.after_step(self.step_index, self.total_steps)
+        self.step_index += 1
+        return out.loss.detach()
+
+    def close(self) -> None:
+        self.accelerator.free_memory()  # drops accelerate's references so an OOM back-off can free memory

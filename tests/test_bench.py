@@ -1,0 +1,306 @@
+"""`tools/bench.py loader|model|step`: the record schema, the throughput and ratio arithmetic, the OOM back-off
+(with injected failures), FLOPs against closed forms, the PIL/torchvision baseline against the spec, and the
+user errors. Timings themselves are not asserted (they belong in docs/BENCHMARKS.md, not in tests); what is
+asserted is that the figures are the stated functions of what was measured or injected."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import assert_user_error, run_tool
+from fastssl.bench import flops, loader as bench_loader, model as bench_model, step as bench_step
+from fastssl.bench.baseline import BaselineLoader, view_transform
+from fastssl.bench.record import SCHEMA_FIELDS, VERSION_KEYS, BenchRecord
+from fastssl.bench.sweep import Backoff, grid, is_oom, parse_list, with_oom_backoff
+from fastssl.errors import UserError
+from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ViewSpec, preset
+from pipelines.base import ViewBatch
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY_MODEL = ["data.image_size=16", "model.small_input=false", "method.proj_hidden=64", "method.proj_dim=32"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """24 random 32 px JPEGs in 2 classes: 3 batches of 8."""
+    root = tmp_path_factory.mktemp("bench") / "ds"
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        d = root / f"c{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i:02d}.jpg")
+    return root
+
+
+def parse(module, argv):
+    p = argparse.ArgumentParser()
+    module.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def check_record(path, kind) -> BenchRecord:
+    record = BenchRecord.from_json(path.read_text())  # from_json rejects any other set of top-level fields
+    assert record.kind == kind and set(record.versions) == set(VERSION_KEYS)
+    assert record.versions["torch"] == torch.__version__ and record.git_commit and record.tool_version
+    return record
+
+
+# --- loader -------------------------------------------------------------------------------------------------
+
+def test_loader_bench_writes_record_table_and_plot(folder, tmp_path):
+    out, png = tmp_path / "loader.json", tmp_path / "loader.png"
+    proc = run_tool("tools/bench.py", "loader", "--data", str(folder), "--backend", "torch,pil", "--batch", "8",
+                    "--workers", "0,1", "--batches", "2", "--warmup", "1", "--size", "16", "--json", str(out),
+                    "--plot", str(png))
+    assert proc.returncode == 0, proc.stderr
+    assert "views/s" in proc.stdout and "pil" in proc.stdout
+    record = check_record(out, "loader")
+    assert set(SCHEMA_FIELDS) == set(record.__dataclass_fields__)
+    rows = {(r["backend"], r["workers"]): r for r in record.figures}
+    assert set(rows) == {("torch", 0), ("torch", 1), ("pil", 0), ("pil", 1)}
+    for r in rows.values():
+        assert r["skipped"] is None and r["batch"] == 8 and r["batches"] == 2 and r["image_size"] == 16
+        # Two views per image; ms/batch = 1000 * wall / batches and views/s = batches * 8 * 2 / wall, so their
+        # product is 1000 * 16 whatever the timing.
+        assert r["views_per_s"] == pytest.approx(2 * r["images_per_s"], rel=1e-12)
+        assert r["ms_per_batch"] * r["views_per_s"] == pytest.approx(1000 * 16, rel=1e-9)
+        assert r["views_per_core_s"] == pytest.approx(r["views_per_s"] / r["cores_busy"], rel=1e-12)
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loader.json", "loader.png"]
+
+
+@pytest.mark.parametrize("backend", [pytest.param("dali", marks=pytest.mark.dali),
+                                     pytest.param("ffcv", marks=[pytest.mark.ffcv, pytest.mark.slow])])
+def test_loader_bench_runs_each_installed_backend(backend, folder, tmp_path):
+    pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[backend])
+    out = tmp_path / "loader.json"
+    proc = run_tool("tools/bench.py", "loader", "--data", str(folder), "--backend", backend, "--batch", "8",
+                    "--workers", "1", "--batches", "2", "--warmup", "1", "--size", "16", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    (row,) = check_record(out, "loader").figures
+    assert row["backend"] == backend and row["skipped"] is None
+    assert row["views_per_s"] == pytest.approx(2 * row["images_per_s"], rel=1e-12)
+
+
+def test_missing_backend_is_skipped_in_a_sweep_and_fatal_alone(folder, monkeypatch):
+    monkeypatch.setattr(bench_loader, "unavailable_reason", lambda b: "not installed here" if b == "dali" else None)
+    with pytest.raises(UserError, match="--backend dali cannot run: not installed here"):
+        bench_loader.select_backends(["dali"])
+    record = bench_loader.run(parse(bench_loader, ["--data", str(folder), "--backend", "torch,dali", "--batch", "8",
+                                                   "--workers", "0", "--batches", "1", "--warmup", "0",
+                                                   "--size", "16"]))
+    rows = {r["backend"]: r for r in record.figures}
+    assert rows["dali"]["skipped"] == "not installed here" and rows["dali"]["views_per_s"] is None
+    assert rows["torch"]["skipped"] is None and rows["torch"]["views_per_s"] > 0
+    assert set(rows["dali"]) == set(rows["torch"])  # one row schema, measured or skipped
+    assert record.config["skipped"] == {"dali": "not installed here"}
+
+
+def test_baseline_views_follow_the_spec():
+    # Oracle: with every random op off and a full-image crop, a constant image's view is (c / 255 - mean) / std
+    # per channel, computed here in float64.
+    still = ViewSpec(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0,
+                     blur_p=0.0, solarize_p=0.0)
+    colour = np.array([200, 30, 90], dtype=np.uint8)
+    view = view_transform(still, 16, IMAGENET_MEAN, IMAGENET_STD)(Image.fromarray(np.tile(colour, (32, 32, 1))))
+    expected = (colour / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    assert view.shape == (3, 16, 16) and view.dtype == torch.float32
+    np.testing.assert_allclose(view.numpy(), np.broadcast_to(expected[:, None, None], (3, 16, 16)), atol=1e-6)
+    # The SimCLR preset compiles to torchvision transforms with the spec's own parameters.
+    steps = view_transform(preset("simclr", 32).views[0], 32, IMAGENET_MEAN, IMAGENET_STD).transforms
+    t = {type(s).__name__: s for s in steps}
+    applied = {type(s.transforms[0]).__name__: s for s in steps if type(s).__name__ == "RandomApply"}
+    assert t["RandomResizedCrop"].scale == (0.08, 1.0) and t["RandomResizedCrop"].size == (32, 32)
+    jitter = applied["ColorJitter"].transforms[0]
+    assert jitter.brightness == pytest.approx((0.2, 1.8)) and jitter.hue == pytest.approx((-0.2, 0.2))
+    assert applied["ColorJitter"].p == 0.8
+    blur = applied["GaussianBlur"].transforms[0]
+    assert blur.kernel_size == (3, 3) and list(blur.sigma) == [0.1, 2.0] and applied["GaussianBlur"].p == 0.5
+    assert t["RandomGrayscale"].p == 0.2 and "RandomSolarize" not in t  # SimCLR does not solarise
+
+
+def test_baseline_loader_batches(folder):
+    spec = AugmentSpec(16, (ViewSpec(), ViewSpec(solarize_p=0.2)))
+    batches = list(BaselineLoader(str(folder), spec, 8, 0, torch.device("cpu")))
+    assert len(batches) == 3
+    idx = torch.cat([b.indices for b in batches])
+    assert sorted(idx.tolist()) == list(range(24))  # one epoch sees every image once
+    assert all(len(b.views) == 2 and b.views[1].shape == (8, 3, 16, 16) for b in batches)
+
+
+# --- arithmetic ---------------------------------------------------------------------------------------------
+
+def test_ratio_and_wait_arithmetic_hand_computed():
+    assert bench_step.images_per_s(512, 2.0) == 256.0
+    assert bench_step.input_bound_ratio(900.0, 1000.0) == pytest.approx(0.9)
+    assert bench_step.input_bound_ratio(1010.0, 1000.0) == pytest.approx(1.01)  # noise is reported, not clipped
+    assert bench_step.data_wait_fraction(0.25, 2.0) == 0.125
+    for fn, args in ((bench_step.input_bound_ratio, (1.0, 0.0)), (bench_step.data_wait_fraction, (0.1, 0.0)),
+                     (bench_step.images_per_s, (8, 0.0))):
+        with pytest.raises(ValueError):
+            fn(*args)
+
+
+def test_time_steps_splits_injected_data_wait_from_compute():
+    # Oracle: sleeps of known length. Each fetch sleeps 30 ms and each step 10 ms, 5 timed steps: 150 ms of
+    # data wait and 50 ms of compute. A sleep never returns early and overshoots by at most a few ms even on
+    # a loaded machine, so the bounds are [exact, exact + 10 ms per call].
+    fetch_s, compute_s, steps = 0.03, 0.01, 5
+    fetched = []
+
+    def batches():
+        while True:
+            time.sleep(fetch_s)
+            fetched.append(1)
+            yield ViewBatch((torch.zeros(4, 3, 2, 2), torch.zeros(4, 3, 2, 2)), torch.zeros(4), torch.arange(4))
+
+    def step(batch):
+        time.sleep(compute_s)
+
+    times, window = bench_step.time_steps(batches(), step, steps, warmup=2, device=torch.device("cpu"))
+    assert len(fetched) == 2 + steps and times.images == 4 * steps
+    assert steps * fetch_s <= times.data_wait_s <= steps * (fetch_s + 0.01)
+    assert steps * compute_s <= times.compute_s <= steps * (compute_s + 0.01)
+    assert times.data_wait_s + times.compute_s <= times.wall_s <= times.data_wait_s + times.compute_s + 0.05
+    assert times.wall_s == window.wall_s
+
+
+def test_flop_count_matches_closed_forms():
+    torch.manual_seed(0)
+    n, i, o = 16, 8, 4
+    lin = torch.nn.Linear(i, o)
+    x = torch.randn(n, i, requires_grad=True)
+    # forward x @ W^T: 2*n*i*o; backward: grad_x = g @ W and grad_W = g^T @ x, 2*n*i*o each (bias adds are not
+    # matmuls and are not counted).
+    assert flops.count_flops(lambda: lin(x).sum().backward()) == 3 * 2 * n * i * o
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1, bias=False)
+    img = torch.randn(2, 3, 8, 8)
+    # 2 * N * Cout * Hout * Wout * Cin * k * k multiply-adds.
+    assert flops.count_flops(lambda: conv(img)) == 2 * 2 * 5 * 8 * 8 * 3 * 3 * 3
+    # torchvision's model card: ResNet-18 at 224 px is 1.81 GMACs (which it calls GFLOPS): 3.63 GFLOPs forward.
+    import torchvision
+
+    net = torchvision.models.resnet18().eval()
+    with torch.no_grad():
+        counted = flops.count_flops(lambda: net(torch.zeros(1, 3, 224, 224)))
+    assert counted == pytest.approx(2 * 1.814e9, rel=0.01)
+
+
+def test_mfu_and_peak_table():
+    assert flops.achieved_tflops(2 * 10**12, 50.0) == pytest.approx(100.0)
+    assert flops.mfu(2 * 10**12, 50.0, 200.0) == pytest.approx(0.5)
+    assert flops.mfu(2 * 10**12, 50.0, None) is None
+    assert flops.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    assert flops.peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0  # not the SXM figure
+    assert flops.peak_tflops("NVIDIA H200", "tf32") == 494.7
+    assert flops.peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5
+    assert flops.peak_tflops("Tesla T4", "bf16") is None
+    assert flops.math_dtype("bf16") == "bf16" and flops.math_dtype("no", allow_tf32=True) == "tf32"
+    assert flops.device_peak(torch.device("cpu"), "fp32") == ("fp32", None)
+
+
+# --- sweeps and OOM back-off ------------------------------------------------------------------------------
+
+def test_parse_list_and_grid():
+    assert parse_list("256, 1024,256", "--batch") == [256, 1024]
+    assert grid(a=[1, 2], b=["x", "y"]) == [dict(a=1, b="x"), dict(a=1, b="y"), dict(a=2, b="x"), dict(a=2, b="y")]
+    for text in ("256,abc", "8,,16", ""):
+        with pytest.raises(UserError, match="--batch"):
+            parse_list(text, "--batch")
+    with pytest.raises(UserError, match="below the minimum 1"):
+        parse_list("0", "--batch", minimum=1)
+
+
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("CUDA error: out of memory"),
+                                   RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory")])
+def test_backoff_halves_until_the_batch_fits(error):
+    calls, messages = [], []
+
+    def run(batch):
+        calls.append(batch)
+        if batch > 64:
+            raise error
+        return f"ran {batch}"
+
+    result = with_oom_backoff(run, 256, min_batch=8, on_retry=messages.append)
+    assert result == Backoff("ran 64", 64, [256, 128, 64]) and result.reduced
+    assert calls == [256, 128, 64] and len(messages) == 2 and "256 ran out of memory" in messages[0]
+    assert is_oom(error)
+
+
+def test_backoff_reraises_other_errors_and_reports_a_batch_that_never_fits():
+    def shape_bug(batch):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="shapes"):
+        with_oom_backoff(shape_bug, 256)
+
+    def never(batch):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    with pytest.raises(UserError) as e:
+        with_oom_backoff(never, 64, min_batch=8)
+    msg = str(e.value)
+    assert "batch 64 does not fit" in msg and "64, 32, 16, 8" in msg and "smallest allowed 8" in msg
+    assert "GiB" in msg  # the memory figures: total / available / this process
+
+
+def test_model_bench_backs_off_on_injected_oom(monkeypatch):
+    # The first forward+backward is where a real OOM strikes: the FLOP count, then the step.
+    for name in ("count_flops", "__call__"):
+        real = getattr(bench_model.TrainingStep, name)
+
+        def tight_memory(self, batch, real=real):
+            if batch.views[0].shape[0] > 8:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected above batch 8)")
+            return real(self, batch)
+
+        monkeypatch.setattr(bench_model.TrainingStep, name, tight_memory)
+    record = bench_model.run(parse(bench_model, ["--batch", "32", "--min-batch", "4", "--steps", "2", "--warmup",
+                                                 "0", "--device", "cpu", *TINY_MODEL]))
+    (row,) = record.figures
+    assert row["batch_requested"] == 32 and row["batch"] == 8
+    assert row["method"] == "simclr" and row["compiled"] is False and row["mfu"] is None  # no peak for CPUs
+    # images/s * step time = the batch; TFLOP/s = FLOPs per step / step time.
+    assert row["images_per_s"] * row["step_ms"] / 1000 == pytest.approx(8, rel=1e-9)
+    assert row["tflops"] == pytest.approx(row["gflops_per_image"] * 8 / row["step_ms"], rel=1e-9)
+    assert row["gflops_per_image"] > 0
+
+
+# --- step ---------------------------------------------------------------------------------------------------
+
+def test_step_bench_end_to_end(folder, tmp_path):
+    out, png = tmp_path / "step.json", tmp_path / "step.png"
+    proc = run_tool("tools/bench.py", "step", "--batch", "8", "--steps", "2", "--warmup", "1", "--workers", "0",
+                    "--device", "cpu", f"data.path={folder}", *TINY_MODEL, "--json", str(out), "--plot", str(png))
+    assert proc.returncode == 0, proc.stderr
+    assert "ratio" in proc.stdout
+    (row,) = check_record(out, "step").figures
+    assert row["backend"] == "torch" and row["workers"] == 0 and row["batch"] == 8
+    assert row["input_bound_ratio"] == pytest.approx(row["images_per_s"] / row["model_images_per_s"], rel=1e-12)
+    assert row["data_wait_fraction"] == pytest.approx(row["data_wait_s"] / row["wall_s"], rel=1e-12)
+    assert row["images_per_s"] == pytest.approx(8 * 2 / row["wall_s"], rel=1e-12)
+    assert 0 <= row["data_wait_s"] and row["data_wait_s"] + row["compute_s"] <= row["wall_s"] * (1 + 1e-9)
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+# --- user errors --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["loader", "--backend", "torch,magic"], ["'magic'", "torch, dali, ffcv, pil"]),
+    (["loader", "--batch", "8,x", "--backend", "torch"], ["--batch", "'x'"]),
+    (["loader", "--data", "/nonexistent/images", "--backend", "torch"], ["/nonexistent/images"]),
+    (["model", "--method", "simclr,byol", "--device", "cpu"], ["'byol'", "mocov2, mocov3, simclr"]),
+    (["model", "--encoder", "resnet7", "--device", "cpu"], ["'resnet7'", "resnet18"]),
+    (["step", "--backend", "pil", "--device", "cpu"], ["pil", "torch, dali, ffcv"]),
+    (["step", "--device", "cpu", "data.wokers=2"], ["wokers", "workers"]),
+])
+def test_bad_input_is_one_line(argv, fragments):
+    assert_user_error(run_tool("tools/bench.py", *argv), *fragments)
