@@ -99,14 +99,13 @@ class DaliViewLoader:
         graph = dali_graph()
         self._feeder = _Feeder(source, spec, ctx, global_batch, drop_last, graph.pack_view_params)
         self._running = False
+        self._iteration = 0  # which __iter__ generator owns the pipeline
         device_id = None
         if dali_device == "gpu":
             device_id = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
-        # The widest batch of a rank: shard_batches gives the remainder of a short last batch to the first ranks.
-        local_batch = -(-global_batch // ctx.num_processes)
-        try:
+        try:  # a short last batch (drop_last false) is fed as a smaller batch: DALI takes any size up to this
             self.pipeline = graph.build_pipeline(
-                spec, self._feeder, local_batch, dali_device, device_id, max(1, workers), prefetch_queue_depth,
+                spec, self._feeder, global_batch // ctx.num_processes, dali_device, device_id, max(1, workers), prefetch_queue_depth,
                 hw_decoder_load, seed=ctx.seed)
         except RuntimeError as e:
             if dali_device != "gpu":
@@ -126,6 +125,8 @@ class DaliViewLoader:
         self._drain()
         self._feeder.start(self._epoch, self._start)
         self._running = True
+        self._iteration += 1
+        this = self._iteration
         try:
             while True:
                 try:
@@ -143,8 +144,9 @@ class DaliViewLoader:
                     raise
                 self._feeder.in_flight.popleft()
                 yield self._to_batch(out)
-        finally:
-            self._drain()  # only when the consumer stopped early (generator closed at the yield)
+        finally:  # the consumer stopped early (the generator closed at its yield), unless a newer one runs
+            if this == self._iteration:
+                self._drain()
 
     def _drain(self) -> None:
         """Finish an epoch the consumer left early: discard the queued batches so the next starts clean."""
@@ -173,8 +175,9 @@ class DaliViewLoader:
         *views, meta = out
         meta = torch.from_numpy(np.array(meta.as_tensor()))
         views = tuple(self._to_torch(v) for v in views)
-        if views[0].device != target:  # data.device=cpu with a GPU trainer: pinned, so the copy overlaps
-            views = tuple(v.pin_memory().to(target, non_blocking=True) if target.type == "cuda" else v.to(target)
+        if self.dali_device == "cpu" and target.type != "cpu":
+            # A GPU trainer fed by CPU-mode DALI: pinned pages, so the copy overlaps the training step.
+            views = tuple((v.pin_memory() if target.type == "cuda" else v).to(target, non_blocking=True)
                           for v in views)
         return ViewBatch(views, meta[:, 0].to(target), meta[:, 1].to(target))
 

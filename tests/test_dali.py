@@ -251,9 +251,13 @@ def test_resume_mid_epoch_and_an_abandoned_epoch(colour_root):
     loader.set_epoch(3)
     full = list(loader)
     loader.set_epoch(0)
-    next(iter(loader))  # abandoned after one batch: the queued batches must not leak into the next epoch
+    stale = iter(loader)
+    next(stale)  # abandoned after one batch: the queued batches must not leak into the next epoch
     loader.set_epoch(3, start_batch=2)
-    resumed = list(loader)
+    it = iter(loader)
+    resumed = [next(it)]
+    stale.close()  # closing the abandoned iterator late must not disturb the running one
+    resumed += list(it)
     assert len(full) == 5 and len(resumed) == 3
     for a, b in zip(full[2:], resumed):
         assert torch.equal(a.indices, b.indices) and all(torch.equal(x, y) for x, y in zip(a.views, b.views))
