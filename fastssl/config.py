@@ -32,8 +32,11 @@ class DataConfig:
     dali_prefetch_queue_depth: int = 2
     dali_hw_decoder_load: float = 0.65
     # FFCV
-    ffcv_order: str = "quasi_random"  # random | quasi_random | sequential
+    # shared = base.epoch_order, the batches every backend reads; random | quasi_random | sequential are ffcv's
+    # (quasi_random reads a few pages at a time: for datasets larger than RAM, with ffcv_os_cache=false)
+    ffcv_order: str = "shared"
     ffcv_os_cache: bool = True
+    ffcv_decode: str = "once"  # once (both views cut on the device from one decode) | per_view (decode twice)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from pipelines.base import BACKENDS, LoaderContext, ViewBatch, batch_seed, epoch
 from pipelines.ops import make_view, sample_crop_boxes
 
 ORDERS = ("shared", "random", "quasi_random", "sequential")
+DECODES = ("once", "per_view")
 _BOX_CHUNK = 1 << 16  # samples per sample_crop_boxes call: it draws 40 doubles per sample and view
 
 
@@ -60,7 +61,7 @@ class FFCVViewLoader:
 
     def __init__(self, path: str, spec: AugmentSpec, ctx: LoaderContext, *, batch_size: int, workers: int = 1,
                  order: str = "shared", os_cache: bool = True, drop_last: bool = True, device: str = "auto",
-                 batches_ahead: int = 2):
+                 decode: str = "once", batches_ahead: int = 2):
         import_ffcv()
         import numba
         from ffcv.loader import Loader, OrderOption
@@ -71,6 +72,8 @@ class FFCVViewLoader:
 
         if order not in ORDERS:
             raise UserError(f"data.ffcv_order={order!r}; expected one of {', '.join(ORDERS)}")
+        if decode not in DECODES:
+            raise UserError(f"data.ffcv_decode={decode!r}; expected one of {', '.join(DECODES)}")
         reader = open_beton(path)
         require_fields(reader, path)
         self.num_samples = int(reader.num_samples)
@@ -93,14 +96,23 @@ class FFCVViewLoader:
         self.regions = np.zeros((self.num_samples, 4), dtype=np.int32)
         self.regions[:, 2], self.regions[:, 3] = self.heights, self.widths
         self.view_boxes = np.zeros((self.num_samples, len(spec.views), 4), dtype=np.float64)
+        # decode="per_view": one table per view, each read by its own decoder (a second PipelineSpec on the
+        # same field, since ffcv 1.0.2 cannot fan one decode out to several outputs).
+        self.decode = decode
+        self.view_regions = [self.regions.copy() for _ in spec.views] if decode == "per_view" else []
+        if decode == "once":
+            pipelines = {IMAGE_FIELD: PipelineSpec(IMAGE_FIELD, decoder=RegionDecoder(self.regions))}
+        else:
+            pipelines = {IMAGE_FIELD: None, **{f"view{v}": PipelineSpec(IMAGE_FIELD, decoder=RegionDecoder(t))
+                                               for v, t in enumerate(self.view_regions)}}
+        pipelines[LABEL_FIELD] = PipelineSpec(LABEL_FIELD, decoder=IndexLabelDecoder())
         # numba refuses more threads than its pool (one per core) holds.
         self.workers = max(1, min(int(workers), numba.config.NUMBA_NUM_THREADS))
         torch_threads = torch.get_num_threads()
         self.loader = Loader(self.path, batch_size=batch_size // ctx.num_processes, num_workers=self.workers,
                              os_cache=os_cache, order=OrderOption.SEQUENTIAL, seed=ctx.seed, drop_last=False,
-                             batches_ahead=batches_ahead, pipelines={
-                                 IMAGE_FIELD: PipelineSpec(IMAGE_FIELD, decoder=RegionDecoder(self.regions)),
-                                 LABEL_FIELD: PipelineSpec(LABEL_FIELD, decoder=IndexLabelDecoder())})
+                             batches_ahead=batches_ahead, pipelines=pipelines)
+        self._outputs = list(self.loader.pipeline_specs)  # ffcv returns one array per spec, in this order
         torch.set_num_threads(torch_threads)  # ffcv sets torch's thread count to its worker count
         self._ffcv_order = {"random": Random, "quasi_random": QuasiRandom, "sequential": Sequential,
                             "shared": None}[order]
@@ -135,6 +147,8 @@ class FFCVViewLoader:
             bottom_right = (boxes[..., :2] + boxes[..., 2:]).max(axis=1)
             self.view_boxes[idx] = boxes
             self.regions[idx] = np.concatenate([top_left, bottom_right - top_left], axis=1).astype(np.int32)
+            for v, table in enumerate(self.view_regions):
+                table[idx] = boxes[:, v]
 
     def __iter__(self):
         epoch, start = self.epoch, self.start_batch
@@ -149,28 +163,35 @@ class FFCVViewLoader:
         epoch_iterator = iter(self.loader)
         try:
             for k in range(len(todo)):
-                region, index_label = _next_batch(epoch_iterator)
+                out = dict(zip(self._outputs, _next_batch(epoch_iterator)))
+                index_label = out[LABEL_FIELD]
                 if k == 0:
                     torch.set_num_threads(torch_threads)  # ffcv's epoch thread set it to its worker count
                 idx = index_label[:, 0].copy()
                 if not np.array_equal(idx, todo[k]):
                     raise RuntimeError(f"ffcv returned batch {k} out of plan")  # a bug, not a user error
-                yield self._views(region, idx, index_label[:, 1].copy(), epoch, start + k)
+                yield self._views(out, idx, index_label[:, 1].copy(), epoch, start + k)
         finally:
             epoch_iterator.close()
         self.start_batch = 0
 
-    def _views(self, region: np.ndarray, idx: np.ndarray, labels: np.ndarray, epoch: int, step: int) -> ViewBatch:
-        # `region` is a slot of ffcv's ring buffer: copied to the device (or consumed by make_view on the
-        # CPU) before this batch is yielded, so ffcv may refill it.
-        images = torch.from_numpy(region).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        rel = self.view_boxes[idx].copy()
-        rel[..., :2] -= self.regions[idx, None, :2]
+    def _views(self, out: dict, idx: np.ndarray, labels: np.ndarray, epoch: int, step: int) -> ViewBatch:
+        # The regions are slots of ffcv's ring buffer: copied to the device (or consumed by make_view on
+        # the CPU) before this batch is yielded, so ffcv may refill them.
+        def to_device(region):
+            return torch.from_numpy(region).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+
         g = torch.Generator(device=self.device)
         g.manual_seed(batch_seed(self.ctx.seed, epoch, step, self.ctx.process_index))
-        s = self.spec
-        views = tuple(make_view(images, torch.from_numpy(rel[:, v]), view, s.size, s.mean, s.std, g)
-                      for v, view in enumerate(s.views))
+        s, views = self.spec, []
+        shared = to_device(out[IMAGE_FIELD]) if self.decode == "once" else None
+        for v, view in enumerate(s.views):
+            images, table = (shared, self.regions) if shared is not None else (to_device(out[f"view{v}"]),
+                                                                                 self.view_regions[v])
+            rel = self.view_boxes[idx, v].copy()
+            rel[:, :2] -= table[idx, :2]
+            views.append(make_view(images, torch.from_numpy(rel), view, s.size, s.mean, s.std, g))
+        views = tuple(views)
         return ViewBatch(views=views, labels=torch.from_numpy(labels).to(self.device),
                          indices=torch.from_numpy(idx).to(self.device))
 
@@ -207,4 +228,4 @@ class _PlannedOrder:
 def build_ffcv_loader(data_cfg, spec: AugmentSpec, ctx: LoaderContext) -> FFCVViewLoader:
     return FFCVViewLoader(data_cfg.path, spec, ctx, batch_size=data_cfg.batch_size, workers=data_cfg.workers,
                           order=data_cfg.ffcv_order, os_cache=data_cfg.ffcv_os_cache,
-                          drop_last=data_cfg.drop_last, device=data_cfg.device)
+                          drop_last=data_cfg.drop_last, device=data_cfg.device, decode=data_cfg.ffcv_decode)

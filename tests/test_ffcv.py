@@ -34,7 +34,7 @@ def data(tmp_path_factory):
 
 
 def make_loader(path, *, spec=None, process_index=0, num_processes=1, batch_size=8, order="shared",
-                drop_last=True, workers=1):
+                drop_last=True, workers=1, decode="once"):
     from pipelines.augment import preset
     from pipelines.base import LoaderContext
     from pipelines.ffcv import FFCVViewLoader
@@ -42,7 +42,7 @@ def make_loader(path, *, spec=None, process_index=0, num_processes=1, batch_size
     ctx = LoaderContext(device=torch.device("cpu"), process_index=process_index, num_processes=num_processes,
                         seed=7)
     return FFCVViewLoader(str(path), spec or preset("simclr", 16), ctx, batch_size=batch_size, workers=workers,
-                          order=order, drop_last=drop_last)
+                          order=order, drop_last=drop_last, decode=decode)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,23 @@ def test_jpeg_regions_within_jpeg_tolerance(data, monkeypatch):
     batches = list(loader)
     # Smooth images at JPEG quality 95: mean absolute error ~1 grey level (see test_convert_ffcv).
     check_regions(loader, batches, calls, data["source"], max_abs_mean=2.0)
+
+
+def test_per_view_decode_cuts_each_view_box_exactly(data, monkeypatch):
+    loader = make_loader(data["raw"], decode="per_view")
+    calls = record_make_view(monkeypatch)
+    batches = list(loader)
+    assert len(calls) == 2 * len(batches)
+    for b, batch in enumerate(batches):
+        idx = batch.indices.numpy()
+        assert calls[2 * b][0] is not calls[2 * b + 1][0]  # one decode per view
+        for v in (0, 1):
+            images, rel = calls[2 * b + v]
+            assert (rel[:, :2] == 0).all()  # each view's region is its own box
+            for row, i in enumerate(idx):
+                y0, x0, h, w = (int(t) for t in loader.view_boxes[i, v])
+                got = images[row].permute(1, 2, 0).numpy()[:h, :w]
+                assert np.array_equal(got, data["source"][i][0][y0:y0 + h, x0:x0 + w])
 
 
 def test_crop_boxes_follow_torchvision_per_view(raw_loader):
@@ -213,6 +230,7 @@ def test_bad_settings_are_user_errors(data, tmp_path):
         (DataConfig(backend="ffcv", path=raw, batch_size=32), ctx(), "fewer than one global batch"),
         (DataConfig(backend="ffcv", path=raw, batch_size=10, drop_last=False), ctx(5), "last batch of 4"),
         (DataConfig(backend="ffcv", path=raw, batch_size=8, ffcv_order="shuffled"), ctx(), "ffcv_order"),
+        (DataConfig(backend="ffcv", path=raw, batch_size=8, ffcv_decode="twice"), ctx(), "ffcv_decode"),
         (DataConfig(backend="ffcv", path=raw, batch_size=8, device="tpu"), ctx(), "data.device='tpu'"),
     ]
     for cfg, context, fragment in cases:
