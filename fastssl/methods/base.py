@@ -51,6 +51,11 @@ _MODULES = ("simclr", "mocov2", "mocov3")
 
 
 def build_method(cfg) -> Method:
+    from fastssl.errors import UserError
+    from fastssl.losses import IMPLS
+
+    if cfg.method.loss_impl not in IMPLS:  # checked here so a typo fails before any data is read
+        raise UserError(f"unknown method.loss_impl {cfg.method.loss_impl!r}; valid: {', '.join(IMPLS)}")
     for name in _MODULES:  # importing registers the method; a missing module is simply not offered
         try:
             importlib.import_module(f"fastssl.methods.{name}")
