@@ -105,8 +105,8 @@ class DaliViewLoader:
             device_id = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
         try:  # a short last batch (drop_last false) is fed as a smaller batch: DALI takes any size up to this
             self.pipeline = graph.build_pipeline(
-                spec, self._feeder, global_batch // ctx.num_processes, dali_device, device_id, max(1, workers), prefetch_queue_depth,
-                hw_decoder_load, seed=ctx.seed)
+                spec, self._feeder, global_batch // ctx.num_processes, dali_device, device_id, max(1, workers),
+                prefetch_queue_depth, hw_decoder_load, seed=ctx.seed)
         except RuntimeError as e:
             if dali_device != "gpu":
                 raise

@@ -27,13 +27,13 @@ FULL = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))  # on a square S x S i
 PLAIN = ViewSpec(flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0, **FULL)
 
 
-def _loader(root, spec, batch=16, rank=0, nproc=1, seed=0, drop_last=True, **cfg):
+def _loader(root, spec, batch=16, rank=0, nproc=1, seed=0, drop_last=True, train_device="cpu", **cfg):
     pytest.importorskip("nvidia.dali")
     from pipelines.dali import build
 
     data = DataConfig(**{"backend": "dali", "path": str(root), "device": "cpu", "image_size": spec.size,
                          "batch_size": batch, "workers": 1, "drop_last": drop_last, **cfg})
-    return build(data, spec, LoaderContext(torch.device("cpu"), rank, nproc, seed))
+    return build(data, spec, LoaderContext(torch.device(train_device), rank, nproc, seed))
 
 
 def _pixels(view: torch.Tensor, spec: AugmentSpec) -> np.ndarray:
@@ -151,6 +151,20 @@ def test_random_crops_match_the_torch_backend_up_to_resampling(colour_root):
                                          workers=0), spec, LoaderContext(torch.device("cpu"), seed=1))))
     for vd, vt in zip(d.views, t.views):
         assert (vd - vt).abs().mean() < 0.01
+
+
+@pytest.mark.dali
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the mixed (nvJPEG) decoder needs a CUDA GPU")
+def test_gpu_mixed_decode_agrees_with_cpu_mode(colour_root):
+    # Same host-drawn parameters in both modes; nvJPEG's chroma upsampling differs slightly from
+    # libjpeg-turbo's, so views agree closely rather than exactly.
+    spec = preset("mocov3", S)
+    cpu = next(iter(_loader(colour_root, spec, seed=2)))
+    gpu = next(iter(_loader(colour_root, spec, seed=2, device="auto", train_device="cuda")))
+    assert all(v.is_cuda and v.shape == (16, 3, S, S) for v in gpu.views)
+    assert torch.equal(gpu.indices.cpu(), cpu.indices)
+    for vg, vc in zip(gpu.views, cpu.views):
+        assert (vg.cpu() - vc).abs().mean() < 0.02
 
 
 def _ks(a: np.ndarray, b: np.ndarray) -> float:

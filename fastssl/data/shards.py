@@ -220,7 +220,8 @@ def _load_manifest(root: Path) -> dict:
     try:
         m = json.loads((root / MANIFEST).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{root / MANIFEST} is not valid JSON ({e}); convert again with tools/convert_dali.py") from None
+        raise UserError(f"{root / MANIFEST} is not valid JSON ({e}); convert again with "
+                        f"tools/convert_dali.py") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
         raise UserError(f"{root / MANIFEST} is not a {FORMAT} v{VERSION} manifest; convert again with "
                         f"tools/convert_dali.py")
