@@ -27,6 +27,7 @@ class DataConfig:
     batch_size: int = 256  # global batch over all processes
     workers: int = 4  # decode workers per process
     augment: str = "simclr"  # preset in pipelines/augment.py
+    crop_scale: tuple[float, float] | None = None  # overrides the preset's crop area range for every view
     drop_last: bool = True
     # DALI memory knobs (see pipelines/dali.py for what each costs)
     dali_prefetch_queue_depth: int = 2

@@ -21,7 +21,7 @@ from fastssl.rundir import prepare_run_dir
 from fastssl.schedule import lr_at, scaled_lr
 from fastssl.sync_bn import convert_global_bn
 
-from pipelines.augment import preset
+from pipelines.augment import spec_for
 from pipelines.base import LoaderContext, ViewBatch, build_loader
 
 
@@ -115,7 +115,7 @@ def train(cfg: Config) -> dict:
         # are compiled: momentum updates and queue writes stay outside the graphs (no recompiles per step).
         for net in method.compiled_modules():
             net.compile(dynamic=False)
-    spec = preset(cfg.data.augment, cfg.data.image_size)
+    spec = spec_for(cfg.data)
     ctx = LoaderContext(accelerator.device, accelerator.process_index, accelerator.num_processes, cfg.seed)
     loader = build_loader(cfg.data, spec, ctx)
     steps_per_epoch = len(loader)

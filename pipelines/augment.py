@@ -93,3 +93,14 @@ def preset(name: str, size: int) -> AugmentSpec:
     if size < 8:
         raise UserError(f"data.image_size must be at least 8 pixels, got {size}")
     return PRESETS[name](size)
+
+
+def spec_for(data_cfg) -> AugmentSpec:
+    """The spec a recipe asks for: its preset at `data.image_size`, with `data.crop_scale` if set."""
+    spec = preset(data_cfg.augment, data_cfg.image_size)
+    if data_cfg.crop_scale is not None:
+        lo, hi = data_cfg.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise UserError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {list(data_cfg.crop_scale)}")
+        spec = replace(spec, views=tuple(replace(v, crop_scale=(lo, hi)) for v in spec.views))
+    return spec
