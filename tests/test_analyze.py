@@ -97,8 +97,11 @@ def test_curves_png(tmp_path):
     lines.insert(3, json.dumps({"step": 20, "epoch": 2, "knn_top1": 40.0, "knn_top5": 90.0}))
     (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 50, "lo')  # killed mid-write
     out = tmp_path / "curves.png"
-    assert _main("curves", str(run), "--out", str(out)) == 0
+    assert _main("curves", str(run), "--out", str(out)) == 0  # a run still going: no summary.json yet
     _png(out)
+    (run / "summary.json").write_text(json.dumps({"steps": 40, "knn_top1": 55.0, "knn_top1_random_init": 12.0}))
+    assert _main("curves", str(run), "--out", str(out)) == 0
+    assert _png(out)[0] > 3 * _png(out)[1]  # four panels side by side
 
 
 def test_views_from_the_torch_backend(setup, tmp_path):

@@ -80,10 +80,11 @@ def _views(args) -> str:
 
 
 def _curves(args) -> str:
-    from fastssl.analysis.plots import curves_figure, read_metrics
+    from fastssl.analysis.plots import curves_figure, read_metrics, read_summary
 
     records = read_metrics(args.run_dir)
-    out = curves_figure(records, args.out, title=Path(args.run_dir).resolve().name)
+    out = curves_figure(records, args.out, title=Path(args.run_dir).resolve().name,
+                        summary=read_summary(args.run_dir))
     return f"{len(records)} records -> {out}"
 
 

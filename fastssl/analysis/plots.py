@@ -92,16 +92,47 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 CURVES = (("loss", "loss"), ("learning rate", "lr"), ("kNN top-1 (%)", "knn_top1"), ("images / s", "images_per_s"))
 
 
-def curves_figure(records: list[dict], out, title: str = "") -> Path:
-    """Loss, lr, kNN top-1 and throughput against the optimiser step, one panel each."""
+def read_summary(run_dir: str | os.PathLike) -> dict:
+    """summary.json of a finished run ({} while it runs): the end-of-run kNN figures."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is not JSON") from None
+
+
+def _end_of_run_knn(ax, summary: dict, last_step: int) -> bool:
+    """The final kNN evaluation as a star at the last step, the random-init baseline as a dashed line."""
+    drawn = False
+    if isinstance(summary.get("knn_top1"), (int, float)):
+        ax.plot([summary.get("steps", last_step)], [summary["knn_top1"]], "*", ms=10, color="C1",
+                label="end of run")
+        drawn = True
+    if isinstance(summary.get("knn_top1_random_init"), (int, float)):
+        ax.axhline(summary["knn_top1_random_init"], ls="--", color="grey", label="random init")
+        drawn = True
+    if drawn:
+        ax.legend(fontsize=7)
+    return drawn
+
+
+def curves_figure(records: list[dict], out, title: str = "", summary: dict | None = None) -> Path:
+    """Loss, lr, kNN top-1 and throughput against the optimiser step, one panel each. The kNN panel shows
+    the online monitor's points and, from `summary` (summary.json), the end-of-run figures."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.0 * len(CURVES), 3.0))
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.0 * len(CURVES), 3.0), sharex=True)
+    last_step = max((r["step"] for r in records if isinstance(r.get("step"), int)), default=0)
     for ax, (label, key) in zip(axes, CURVES):
         pts = [(r["step"], r[key]) for r in records if "step" in r and isinstance(r.get(key), (int, float))]
+        extra = key == "knn_top1" and _end_of_run_knn(ax, summary or {}, last_step)
+        if extra:
+            ax.set_ylim(0, 100)  # accuracy on its full scale: chance and the trained figure side by side
         if pts:
             x, y = zip(*pts)
-            ax.plot(x, y, marker="o" if len(pts) < 20 else None, ms=3)
-        else:
+            ax.plot(x, y, marker="o" if len(pts) < 20 else None, ms=3, color="C0")
+        elif not extra:
             ax.text(0.5, 0.5, f"no '{key}' in metrics.jsonl", ha="center", va="center", transform=ax.transAxes,
                     fontsize=8, color="grey")
         ax.set_title(label)
