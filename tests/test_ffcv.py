@@ -34,7 +34,7 @@ def data(tmp_path_factory):
 
 
 def make_loader(path, *, spec=None, process_index=0, num_processes=1, batch_size=8, order="shared",
-                drop_last=True, workers=1, decode="once"):
+                drop_last=True, workers=1, decode="once", os_cache=True):
     from pipelines.augment import preset
     from pipelines.base import LoaderContext
     from pipelines.ffcv import FFCVViewLoader
@@ -42,7 +42,7 @@ def make_loader(path, *, spec=None, process_index=0, num_processes=1, batch_size
     ctx = LoaderContext(device=torch.device("cpu"), process_index=process_index, num_processes=num_processes,
                         seed=7)
     return FFCVViewLoader(str(path), spec or preset("simclr", 16), ctx, batch_size=batch_size, workers=workers,
-                          order=order, drop_last=drop_last, decode=decode)
+                          order=order, drop_last=drop_last, decode=decode, os_cache=os_cache)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,15 @@ def test_jpeg_regions_within_jpeg_tolerance(data, monkeypatch):
     batches = list(loader)
     # Smooth images at JPEG quality 95: mean absolute error ~1 grey level (see test_convert_ffcv).
     check_regions(loader, batches, calls, data["source"], max_abs_mean=2.0)
+
+
+def test_process_cache_with_quasi_random_order_reads_exact_regions(data, monkeypatch):
+    """ffcv's own page cache (os_cache=False), the setting quasi-random order is meant for."""
+    loader = make_loader(data["raw"], order="quasi_random", os_cache=False)
+    calls = record_make_view(monkeypatch)
+    batches = list(loader)
+    assert sorted(np.concatenate([b.indices.numpy() for b in batches]).tolist()) == list(range(N_IMAGES))
+    check_regions(loader, batches, calls, data["source"], max_abs_mean=0.0)
 
 
 def test_per_view_decode_cuts_each_view_box_exactly(data, monkeypatch):
