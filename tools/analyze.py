@@ -62,10 +62,10 @@ def _views(args) -> str:
         raise UserError(f"--num-images must be >= 1, got {args.num_images}")
     source = Path(args.config)
     cfg = load_config(source / "config.yaml" if source.is_dir() else source, args.overrides)
-    from pipelines.augment import preset
+    from pipelines.augment import spec_for
     from pipelines.base import LoaderContext, build_loader
 
-    spec = preset(cfg.data.augment, cfg.data.image_size)
+    spec = spec_for(cfg.data)  # the spec the trainer would compile, recipe overrides included
     # One batch of exactly the images shown: the backend's own code path, without decoding a full batch.
     data = dataclasses.replace(cfg.data, batch_size=args.num_images, drop_last=False)
     loader = build_loader(data, spec, LoaderContext(torch.device(args.device), seed=cfg.seed))
