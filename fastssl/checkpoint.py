@@ -96,7 +96,10 @@ def load_encoder_checkpoint(path: str | os.PathLike) -> dict:
     except Exception as e:  # a truncated or foreign file: say which file and why, not a pickle traceback
         raise UserError(f"cannot read checkpoint {str(f)!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if not isinstance(ckpt, dict) or not {"encoder", "config"} <= set(ckpt):
-        raise UserError(f"{str(f)!r} is not a fastssl encoder checkpoint (expected keys encoder, config)")
+        hint = ""
+        if isinstance(ckpt, dict) and any(str(k).startswith("encoder.") for k in ckpt):
+            hint = f"; it looks like accelerate's training state: pass its step_* folder, which holds {ENCODER_FILE}"
+        raise UserError(f"{str(f)!r} is not a fastssl encoder checkpoint (expected keys encoder, config){hint}")
     return ckpt
 
 
@@ -112,6 +115,17 @@ def load_encoder(path: str | os.PathLike, *, random_init: bool = False):
     if not random_init:
         missing, unexpected = encoder.load_state_dict(ckpt["encoder"], strict=False)
         if missing or unexpected:
-            raise UserError(f"checkpoint {str(path)!r} does not match encoder {cfg.model.encoder!r}: "
+            raise UserError(f"checkpoint {str(path)!r} ({cfg.method.name} run) holds {_describe(ckpt['encoder'])} "
+                            f"weights, which do not fit its config's encoder {cfg.model.encoder!r}: "
                             f"{len(missing)} missing and {len(unexpected)} unexpected tensors")
     return encoder.eval(), cfg
+
+
+def _describe(state: dict) -> str:
+    """What a state dict looks like, for error messages: a ViT of depth/width, a ResNet, or unknown."""
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    if blocks and "pos_embed" in state:
+        return f"ViT (depth {max(blocks) + 1}, width {state['pos_embed'].shape[-1]})"
+    if any(k.startswith("layer4.") for k in state):
+        return "ResNet"
+    return "unrecognised"

@@ -14,6 +14,7 @@ from fastssl.checkpoint import latest_checkpoint, load_encoder, save_checkpoint
 from fastssl.config import Config, config_to_dict, dump_config
 from fastssl.data.imagefolder import scan_image_folder
 from fastssl.errors import UserError
+from fastssl.eval.monitor import KnnMonitor
 from fastssl.methods import build_method
 from fastssl.metrics import MetricsLog, Progress
 from fastssl.optim import build_optimizer
@@ -96,6 +97,7 @@ def train(cfg: Config) -> dict:
     accelerator = Accelerator(mixed_precision=resolve_precision(cfg.train.precision),
                               cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
+    monitor = KnnMonitor(cfg, accelerator.device)  # checks its folders now, not after the first epoch
 
     world = accelerator.num_processes
     if cfg.data.batch_size % (world * cfg.train.grad_accum):
@@ -192,6 +194,12 @@ def train(cfg: Config) -> dict:
             if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
                 save_checkpoint(accelerator, run_dir, state.step, unwrapped.encoder, config_dict,
                                 cfg.train.keep_checkpoints)
+            if main and state.step % steps_per_epoch == 0:
+                # Only the main process evaluates; the others wait at the next collective.
+                knn = monitor.maybe_run(state.step // steps_per_epoch, unwrapped.encoder)
+                if knn is not None:
+                    metrics.write({"step": state.step, "epoch": state.step // steps_per_epoch, **knn})
+                    progress.print(f"epoch {state.step // steps_per_epoch}: kNN top-1 {knn['knn_top1']:.2f}%")
             if state.step >= stop_at:
                 break
 

@@ -144,3 +144,18 @@ def test_corrupt_jpeg_stops_training_naming_the_file(tiny_data, tmp_path):
                         f"data.path={data}", f"data.workers={workers}", "data.drop_last=false",
                         "train.max_steps=0", "train.epochs=1")
         assert_user_error(proc, victim.name)
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_encoder_says_what_they_are(tmp_path):
+    from fastssl.checkpoint import load_encoder
+    from fastssl.config import config_to_dict
+    from fastssl.encoders import create_encoder
+
+    cfg = load_config(None, ["model.encoder=resnet18", "data.image_size=32", "method.name=simclr"])
+    vit = create_encoder(load_config(None, ["model.encoder=vit_tiny"]).model, 32)
+    torch.save({"encoder": vit.state_dict(), "config": config_to_dict(cfg), "step": 1}, tmp_path / "encoder.pt")
+    with pytest.raises(UserError, match=r"simclr run\) holds ViT \(depth 12, width 192\) weights.*'resnet18'"):
+        load_encoder(tmp_path / "encoder.pt")
+    torch.save({"encoder.conv1.weight": torch.zeros(1)}, tmp_path / "state.pt")
+    with pytest.raises(UserError, match="accelerate's training state"):
+        load_encoder(tmp_path / "state.pt")

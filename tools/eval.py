@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    p.add_argument("--epochs", type=int, help="linear probe epochs over cached features (default: recipe's)")
+    p.add_argument("--lr", type=float, help="linear probe learning rate (default: recipe's)")
+    p.add_argument("--optimizer", choices=["sgd", "lars"], help="linear probe optimiser (default: recipe's)")
     p.add_argument("--json", help="write the result here as JSON")
     args = p.parse_args(argv)
 
@@ -55,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from fastssl.eval.linear import linear_eval
 
+        ev = cfg.eval
         res = linear_eval(encoder, train, val, cfg.data.image_size, batch_size=args.batch_size,
-                          device=args.device, workers=args.workers)
+                          device=args.device, workers=args.workers, epochs=args.epochs or ev.linear_epochs,
+                          lr=args.lr or ev.linear_lr, optimizer=args.optimizer or ev.linear_optimizer,
+                          weight_decay=ev.linear_weight_decay, seed=cfg.seed)
     res = {"protocol": args.protocol, "checkpoint": args.checkpoint, "random_init": args.random_init,
            "encoder": cfg.model.encoder, "method": cfg.method.name, **res}
     print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))
