@@ -20,7 +20,14 @@ def _world() -> int:
 
 
 class GlobalBatchNorm(nn.BatchNorm1d):
-    """BatchNorm over all processes' samples for 2-D (N, C) and 4-D (N, C, H, W) inputs, in training mode."""
+    """BatchNorm over all processes' samples for 2-D (N, C) and 4-D (N, C, H, W) inputs, in training mode.
+
+    Its all_reduce runs on a process group of its own: in backward it would otherwise interleave with DDP's
+    asynchronous gradient buckets on the default group, and gloo pairs collectives by issue order, so two
+    ranks could pair a BN reduction with a gradient bucket (seen with MoCo v3's two encoder calls).
+    """
+
+    group = None  # set by convert_global_bn on every rank
 
     def _check_input_dim(self, x):
         if x.dim() not in (2, 3, 4, 5):
@@ -36,7 +43,7 @@ class GlobalBatchNorm(nn.BatchNorm1d):
         xf = x.float()
         local = torch.cat([xf.sum(dims), (xf * xf).sum(dims),
                            torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)])
-        total = all_reduce(local)
+        total = all_reduce(local, group=GlobalBatchNorm.group or dist.group.WORLD)
         c = x.shape[1]
         count = total[-1]
         mean = total[:c] / count
@@ -61,6 +68,8 @@ def convert_global_bn(module: nn.Module, device: torch.device) -> nn.Module:
         return module
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if GlobalBatchNorm.group is None:
+        GlobalBatchNorm.group = dist.new_group(backend="gloo")  # collective: every rank calls it here
     return _convert_cpu(module)
 
 
