@@ -17,6 +17,7 @@ def test_overrides_are_typed_from_the_dataclass():
     assert cfg.optim.lr == 0.5 and cfg.data.batch_size == 64 and cfg.seed == 3
     assert cfg.optim.betas == (0.9, 0.95) and cfg.train.progress is False
     assert isinstance(cfg.optim.warmup_epochs, float)  # an int literal becomes the field's float
+    assert load_config(None, ["optim.weight_decay=1e-4"]).optim.weight_decay == 1e-4  # YAML 1.1 reads a str
 
 
 @pytest.mark.parametrize("override, fragments", [
