@@ -141,7 +141,9 @@ def test_ratio_and_wait_arithmetic_hand_computed():
     assert bench_step.input_bound_ratio(900.0, 1000.0) == pytest.approx(0.9)
     assert bench_step.input_bound_ratio(1010.0, 1000.0) == pytest.approx(1.01)  # noise is reported, not clipped
     assert bench_step.data_wait_fraction(0.25, 2.0) == 0.125
+    assert bench_step.compute_share(1.5, 2.0) == 0.75
     for fn, args in ((bench_step.input_bound_ratio, (1.0, 0.0)), (bench_step.data_wait_fraction, (0.1, 0.0)),
+                     (bench_step.compute_share, (0.1, 0.0)),
                      (bench_step.images_per_s, (8, 0.0))):
         with pytest.raises(ValueError):
             fn(*args)
@@ -286,6 +288,7 @@ def test_step_bench_end_to_end(folder, tmp_path):
     assert row["backend"] == "torch" and row["workers"] == 0 and row["batch"] == 8
     assert row["input_bound_ratio"] == pytest.approx(row["images_per_s"] / row["model_images_per_s"], rel=1e-12)
     assert row["data_wait_fraction"] == pytest.approx(row["data_wait_s"] / row["wall_s"], rel=1e-12)
+    assert row["compute_share"] == pytest.approx(row["compute_s"] / row["wall_s"], rel=1e-12)
     assert row["images_per_s"] == pytest.approx(8 * 2 / row["wall_s"], rel=1e-12)
     assert 0 <= row["data_wait_s"] and row["data_wait_s"] + row["compute_s"] <= row["wall_s"] * (1 + 1e-9)
     assert png.read_bytes()[:8] == PNG_MAGIC

@@ -65,6 +65,12 @@ def select_backends(names: list[str]) -> tuple[list[str], dict[str, str]]:
     return [n for n in names if n not in skipped], skipped
 
 
+def fork_first(backends: list[str]) -> list[str]:
+    """Backends that fork DataLoader workers before those that start thread pools (DALI's, numba's for FFCV):
+    forking a process that holds live threads can deadlock the child, and numba's TBB pool warns about it."""
+    return sorted(backends, key=lambda b: b in ("dali", "ffcv"))
+
+
 class Inputs:
     """The same images for every backend: an ImageFolder, its .beton for FFCV and optionally DALI shards.
 
@@ -218,7 +224,7 @@ def run(args) -> BenchRecord:
     rows = []
     with tempfile.TemporaryDirectory(prefix="fastssl-bench-") as tmp:
         inputs = Inputs(args.data, args.beton, args.shards, tmp)
-        for point in grid(backend=backends, batch=batches, workers=workers):
+        for point in grid(backend=fork_first(backends), batch=batches, workers=workers):
             note(f"loader {point['backend']} batch {point['batch']} workers {point['workers']}")
             figures = bench_loader(point["backend"], inputs.path(point["backend"]), spec, point["batch"],
                                    point["workers"], ctx, args.batches, args.warmup)
@@ -260,7 +266,8 @@ def plot(record: BenchRecord, path) -> None:
             xs.append(r["workers"])
             ys.append(r[key] or 0.0)
     c = record.config
-    save_plot(path, [Panel("throughput", "workers", "views/s", speed),
-                     Panel("per busy CPU core", "workers", "views/s per core", per_core)],
+    log2 = all(r["workers"] >= 1 for r in rows)  # worker sweeps double: 1, 2, 4, 8
+    save_plot(path, [Panel("throughput", "workers", "views/s", speed, logx=log2),
+                     Panel("per busy CPU core", "workers", "views/s per core", per_core, logx=log2)],
               suptitle=f"bench loader: {c['image_size']} px {c['augment']} views on {record.device} "
                        f"@ {record.git_commit[:12]}")

@@ -135,8 +135,8 @@ def add_arguments(p) -> None:
     add_training_arguments(p)
     p.add_argument("--method", default="", help="methods, comma-separated (default: the recipe's)")
     p.add_argument("--encoder", default="", help="encoders, comma-separated (default: the recipe's)")
-    p.add_argument("--compile", default="false", help="false | true | false,true: eager and/or torch.compile "
-                   "(60-90 s per model on a CPU) (default: %(default)s)")
+    p.add_argument("--compile", default="", help="false | true | false,true: eager and/or torch.compile "
+                   "(default: false,true on a GPU, false on a CPU, where compiling takes 60-90 s per model)")
     p.add_argument("--source-size", type=int, default=0,
                    help="side of the synthetic uint8 images the views are cut from (default: the image size)")
 
@@ -185,7 +185,9 @@ def run(args) -> BenchRecord:
     cfg = t["cfg"]
     methods = parse_list(args.method, "--method", str) if args.method else [cfg.method.name]
     encoders = parse_list(args.encoder, "--encoder", str) if args.encoder else [cfg.model.encoder]
-    compiles = parse_list(args.compile, "--compile", str)
+    on_cpu = t["accelerator"].device.type == "cpu"
+    compiles = (parse_list(args.compile, "--compile", str) if args.compile
+                else ["false"] if on_cpu else ["false", "true"])
     from fastssl.encoders import encoder_names
 
     check_names(methods, method_names(), "--method")

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fastssl.bench.loader import BACKENDS as LOADER_BACKENDS
-from fastssl.bench.loader import Inputs, endless, select_backends
-from fastssl.bench.model import add_training_arguments, bench_model, config_for, resolve_training
+from fastssl.bench.loader import Inputs, endless, fork_first, select_backends
+from fastssl.bench.model import ModelFigures, add_training_arguments, bench_model, config_for, resolve_training
 from fastssl.bench.record import BenchRecord, Column, Panel, describe_device, new_record, print_table, save_plot
 from fastssl.bench.sweep import console, grid, note, parse_list, with_oom_backoff
 from fastssl.bench.timing import TimedWindow
@@ -51,6 +51,14 @@ def data_wait_fraction(data_wait_s: float, wall_s: float) -> float:
     if wall_s <= 0:
         raise ValueError(f"a timed window of {wall_s} s")
     return data_wait_s / wall_s
+
+
+def compute_share(compute_s: float, wall_s: float) -> float:
+    """Share of the wall time spent in the step itself. Unlike the ratio it comes from one timed window, so a
+    change in other tenants' load between the `model` and `step` windows cannot move it."""
+    if wall_s <= 0:
+        raise ValueError(f"a timed window of {wall_s} s")
+    return compute_s / wall_s
 
 
 @dataclass(frozen=True)
@@ -105,11 +113,14 @@ class StepFigures:
     compute_s: float
     wall_s: float
     data_wait_fraction: float
+    compute_share: float
     cores_busy: float
     machine_cpu_percent: float
+    model_cores_busy: float  # the `model` window's: the ratio compares like with like only when these agree
+    model_machine_cpu_percent: float
 
 
-def bench_step(cfg: Config, accelerator, steps: int, warmup: int, model_images_per_s: float) -> StepFigures:
+def bench_step(cfg: Config, accelerator, steps: int, warmup: int, model: ModelFigures) -> StepFigures:
     device = accelerator.device
     spec = preset(cfg.data.augment, cfg.data.image_size)
     ctx = LoaderContext(device, accelerator.process_index, accelerator.num_processes, cfg.seed)
@@ -126,11 +137,13 @@ def bench_step(cfg: Config, accelerator, steps: int, warmup: int, model_images_p
     return StepFigures(
         backend=cfg.data.backend, workers=cfg.data.workers, batch=cfg.data.batch_size // accelerator.num_processes,
         image_size=cfg.data.image_size, method=cfg.method.name, encoder=cfg.model.encoder, steps=steps,
-        images_per_s=ips, model_images_per_s=model_images_per_s,
-        input_bound_ratio=input_bound_ratio(ips, model_images_per_s), data_wait_s=times.data_wait_s,
+        images_per_s=ips, model_images_per_s=model.images_per_s,
+        input_bound_ratio=input_bound_ratio(ips, model.images_per_s), data_wait_s=times.data_wait_s,
         compute_s=times.compute_s, wall_s=times.wall_s,
-        data_wait_fraction=data_wait_fraction(times.data_wait_s, times.wall_s), cores_busy=w.cores_busy,
-        machine_cpu_percent=w.machine_cpu_percent)
+        data_wait_fraction=data_wait_fraction(times.data_wait_s, times.wall_s),
+        compute_share=compute_share(times.compute_s, times.wall_s), cores_busy=w.cores_busy,
+        machine_cpu_percent=w.machine_cpu_percent, model_cores_busy=model.cores_busy,
+        model_machine_cpu_percent=model.machine_cpu_percent)
 
 
 def add_arguments(p) -> None:
@@ -156,7 +169,7 @@ def run(args) -> BenchRecord:
     rows, model_cache = [], {}
     with tempfile.TemporaryDirectory(prefix="fastssl-bench-") as tmp:
         inputs = Inputs(cfg.data.path, args.beton, args.shards, tmp)
-        for point in grid(batch=t["batches"], backend=backends, workers=workers):
+        for point in grid(batch=t["batches"], backend=fork_first(backends), workers=workers):
             note(f"step {point['backend']} batch {point['batch']} workers {point['workers']}")
 
             def measure(batch: int, point=point) -> StepFigures:
@@ -165,7 +178,7 @@ def run(args) -> BenchRecord:
                                              "data.path": inputs.path(point["backend"])})
                 if batch not in model_cache:  # the ceiling depends on the batch, not on the loader
                     note(f"model (no I/O) batch {batch}")
-                    model_cache[batch] = bench_model(c, acc, t["steps"], t["warmup"], count=False).images_per_s
+                    model_cache[batch] = bench_model(c, acc, t["steps"], t["warmup"], count=False)
                 return bench_step(c, acc, t["steps"], t["warmup"], model_cache[batch])
 
             result = with_oom_backoff(measure, point["batch"], t["min_batch"], acc.device, on_retry=note)
@@ -180,14 +193,16 @@ COLUMNS = (Column("backend", "backend", justify="left"), Column("workers", "work
            Column("batch", "batch", "{:d}"), Column("image_size", "px", "{:d}"),
            Column("images_per_s", "step img/s", "{:.1f}"), Column("model_images_per_s", "model img/s", "{:.1f}"),
            Column("input_bound_ratio", "ratio", "{:.3f}"), Column("data_wait_fraction", "data wait", "{:.1%}"),
-           Column("compute_s", "compute s", "{:.2f}"), Column("wall_s", "wall s", "{:.2f}"),
-           Column("cores_busy", "cores busy", "{:.2f}"))
+           Column("compute_share", "compute", "{:.1%}"), Column("wall_s", "wall s", "{:.2f}"),
+           Column("cores_busy", "cores busy", "{:.2f}"), Column("model_cores_busy", "model cores", "{:.2f}"),
+           Column("machine_cpu_percent", "machine CPU %", "{:.0f}"))
 
 
 def show(record: BenchRecord) -> None:
     c = record.config
-    caption = ("ratio = step images/s / model images/s (no I/O): 1.0 = compute-bound. data wait = share of wall "
-               "time blocked fetching the next batch.")
+    caption = ("ratio = step images/s / model images/s (no I/O): 1.0 = compute-bound. data wait / compute = "
+               "shares of the step's wall time blocked fetching the next batch / in the step.\nOn a shared CPU the "
+               "ratio compares two windows: trust it when cores busy and model cores agree.")
     if c["skipped"]:
         caption += "\nskipped: " + "; ".join(f"{k}: {v}" for k, v in c["skipped"].items())
     print_table(f"bench step: {c['recipe']} on {record.device}", COLUMNS, record.figures, caption=caption,
