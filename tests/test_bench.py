@@ -276,6 +276,19 @@ def test_model_bench_backs_off_on_injected_oom(monkeypatch):
     assert row["gflops_per_image"] > 0
 
 
+@pytest.mark.compile
+@pytest.mark.slow
+def test_model_bench_compares_eager_and_compiled(tmp_path):
+    out = tmp_path / "model.json"
+    proc = run_tool("tools/bench.py", "model", "--compile", "false,true", "--batch", "8", "--steps", "1",
+                    "--warmup", "1", "--device", "cpu", *TINY_MODEL, "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    eager, compiled = check_record(out, "model").figures
+    assert (eager["compiled"], compiled["compiled"]) == (False, True)
+    # FLOPs are counted eagerly before compiling: the same model, the same count.
+    assert compiled["gflops_per_image"] == eager["gflops_per_image"] > 0
+
+
 # --- step ---------------------------------------------------------------------------------------------------
 
 def test_step_bench_end_to_end(folder, tmp_path):
