@@ -24,6 +24,9 @@ from pipelines.base import ViewBatch
 
 
 class MoCoV2(Method):
+    # Per-process BN, as in MoCo: Shuffle BN (not global BN) is its fix for the statistics leak.
+    global_bn = False
+
     def __init__(self, cfg):
         super().__init__()
         m = cfg.method

@@ -18,13 +18,15 @@ from fastssl.heads import build_mlp
 from fastssl.losses import info_nce
 from fastssl.methods.base import METHODS, LossOutput, Method
 from fastssl.methods.drloc import DenseRelativeLoc, tokens_and_features, validate_drloc
-from fastssl.methods.shuffle_bn import world
 from fastssl.momentum import cosine_momentum, ema_update, momentum_copy, validate_momentum
 
 from pipelines.base import ViewBatch
 
 
 class MoCoV3(Method):
+    # main_moco.py converts every BN to SyncBN: statistics of the global batch (the loop does it).
+    global_bn = True
+
     def __init__(self, cfg):
         super().__init__()
         m = cfg.method
@@ -41,10 +43,6 @@ class MoCoV3(Method):
         self.predictor = (build_mlp(m.pred_layers, m.proj_dim, m.pred_hidden, m.proj_dim, last_bn=False)
                           if m.pred_layers else nn.Identity())
         self.drloc = DenseRelativeLoc(self.encoder.num_features, m.drloc_pairs) if m.drloc_weight > 0 else None
-        if world()[1] > 1 and torch.cuda.is_available():
-            # main_moco.py converts to SyncBN: the heads' BN then sees the global batch, as on one process.
-            for name in ("encoder", "projector", "predictor"):
-                setattr(self, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(self, name)))
         self.key_encoder = momentum_copy(self.encoder)
         self.key_projector = momentum_copy(self.projector)
 

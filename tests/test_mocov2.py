@@ -1,0 +1,167 @@
+"""MoCo v2: InfoNCE against a float64 numpy reference (value and gradients, with and without a queue), the
+queue after k training steps against a Python FIFO of the keys, the key encoder against the EMA formula,
+and the config-time errors."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_user_error, run_tool
+from fastssl.config import config_from_dict
+from fastssl.errors import UserError
+from fastssl.losses import info_nce
+from fastssl.methods import build_method
+from fastssl.optim import build_optimizer
+
+from pipelines.base import ViewBatch
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _through_normalise(x, g_unit):
+    """d/dx of a loss given its gradient w.r.t. x/|x|: (I - u u^T) g / |x| per row."""
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    u = x / norm
+    return (g_unit - u * (u * g_unit).sum(1, keepdims=True)) / norm
+
+
+def numpy_info_nce(q, k, t, queue=None):
+    """Float64 InfoNCE and its gradients w.r.t. q and k, derived by hand (He et al. 2020, eq. 1)."""
+    qu, ku = _unit(q), _unit(k)
+    n = len(q)
+    if queue is None:  # MoCo v3: logits q.k_j, positive on the diagonal
+        logits = qu @ ku.T / t
+        target = np.arange(n)
+    else:  # MoCo v2: column 0 is the positive, then the queue
+        logits = np.concatenate([(qu * ku).sum(1, keepdims=True), qu @ _unit(queue).T], 1) / t
+        target = np.zeros(n, int)
+    mx = logits.max(1, keepdims=True)
+    lse = mx[:, 0] + np.log(np.exp(logits - mx).sum(1))
+    loss = float(np.mean(lse - logits[np.arange(n), target]))
+    dlogits = np.exp(logits - lse[:, None])
+    dlogits[np.arange(n), target] -= 1
+    dlogits /= n * t
+    if queue is None:
+        g_qu, g_ku = dlogits @ ku, dlogits.T @ qu
+    else:
+        g_qu = dlogits[:, :1] * ku + dlogits[:, 1:] @ _unit(queue)
+        g_ku = dlogits[:, :1] * qu
+    return loss, _through_normalise(q, g_qu), _through_normalise(k, g_ku)
+
+
+@pytest.mark.parametrize("with_queue", [False, True])
+def test_info_nce_matches_float64_numpy_value_and_grads(with_queue):
+    rng = np.random.default_rng(0)
+    q, k = rng.normal(size=(6, 5)), rng.normal(size=(6, 5)) * 3
+    queue = rng.normal(size=(10, 5)) if with_queue else None
+    loss, gq, gk = numpy_info_nce(q, k, 0.2, queue)
+    tq = torch.tensor(q, dtype=torch.float32, requires_grad=True)
+    tk = torch.tensor(k, dtype=torch.float32, requires_grad=True)
+    tqueue = torch.tensor(queue, dtype=torch.float32) if with_queue else None
+    out = info_nce(tq, tk, 0.2, queue=tqueue, impl="naive")
+    out.backward()
+    # fp32 against fp64: logits of size ~1/T = 5 carry ~1e-6 relative error.
+    np.testing.assert_allclose(out.item(), loss, rtol=1e-5)
+    np.testing.assert_allclose(tq.grad.numpy(), gq, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(tk.grad.numpy(), gk, rtol=1e-4, atol=1e-6)
+    if with_queue:
+        assert torch.equal(tqueue, torch.tensor(queue, dtype=torch.float32))  # not modified
+
+
+def _cfg(**method):
+    m = dict(name="mocov2", temperature=0.2, queue_size=16, proj_layers=2, proj_hidden=32, proj_dim=8,
+             momentum=0.9, shuffle_bn_splits=2)
+    m.update(method)
+    return config_from_dict(dict(data=dict(batch_size=4, image_size=16),
+                                 model=dict(encoder="resnet18", small_input=True),
+                                 method=m, optim=dict(name="lars", weight_decay=1e-4)))
+
+
+def _batch(g, n=4, size=16):
+    return ViewBatch(tuple(torch.randn(n, 3, size, size, generator=g) for _ in range(2)),
+                     torch.zeros(n, dtype=torch.long), torch.arange(n))
+
+
+def test_training_steps_fill_the_queue_fifo_and_move_the_key_encoder_by_ema():
+    torch.manual_seed(0)
+    cfg = _cfg()
+    method = build_method(cfg)
+    opt = build_optimizer(cfg.optim, method, lr=0.5)
+    assert not any(p.requires_grad for p in method.key_encoder.parameters())
+    assert all(id(p) not in {id(q) for g in opt.param_groups for q in g["params"]}
+               for p in method.key_encoder.parameters())
+    fifo = deque((tuple(r) for r in method.queue.queue.tolist()), maxlen=16)
+    g = torch.Generator().manual_seed(1)
+    m = cfg.method.momentum
+    for step in range(6):  # 24 keys through a queue of 16: wraps around
+        queue_before = method.queue.queue.clone()
+        out = method(_batch(g))
+        torch.testing.assert_close(method.queue.queue, queue_before, rtol=0, atol=0)  # forward is pure
+        keys = method._pending_keys.clone()
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        key_before = [p.detach().double().clone() for p in method.key_encoder.parameters()]
+        method.after_step(step, 6)
+        for kb, p, o in zip(key_before, method.key_encoder.parameters(), method.encoder.parameters()):
+            torch.testing.assert_close(p.double(), m * kb + (1 - m) * o.detach().double(), rtol=1e-6, atol=1e-7)
+        fifo.extend(tuple(r) for r in torch.nn.functional.normalize(keys, dim=1).tolist())
+        torch.testing.assert_close(method.queue.ordered(), torch.tensor(list(fifo)), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(method.key_encoder.conv1.weight, method.encoder.conv1.weight)
+
+
+def test_loss_uses_the_queue_as_negatives_and_the_key_of_the_same_image_as_positive():
+    torch.manual_seed(0)
+    method = build_method(_cfg())
+    method.train()
+    batch = _batch(torch.Generator().manual_seed(3))
+    out = method(batch)
+    q = method.projector(method.encoder(batch.views[0])).detach().double().numpy()
+    k = method._pending_keys.double().numpy()
+    loss, _, _ = numpy_info_nce(q, k, 0.2, method.queue.queue.double().numpy())
+    # The reference recomputes q in a second forward: BN sees the same batch, so only fp32 noise differs.
+    np.testing.assert_allclose(out.loss.item(), loss, rtol=1e-4)
+
+
+def test_drloc_on_a_vit_adds_its_weighted_loss_and_trains_its_mlp():
+    torch.manual_seed(0)
+    cfg = config_from_dict(dict(data=dict(batch_size=4, image_size=16),
+                                model=dict(encoder="vit_pico", patch_size=4),
+                                method=dict(name="mocov2", queue_size=8, proj_layers=2, proj_hidden=16,
+                                            proj_dim=8, drloc_weight=0.5, drloc_pairs=8, shuffle_bn_splits=2)))
+    method = build_method(cfg)
+    out = method(_batch(torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(out.loss.detach(), out.logs["info_nce"] + 0.5 * out.logs["drloc"])
+    out.loss.backward()
+    assert all(p.grad is not None for p in method.drloc.parameters())
+
+
+@pytest.mark.parametrize("method, model, fragment", [
+    (dict(pred_layers=2), {}, "method.pred_layers=2: MoCo v2 has no predictor"),
+    (dict(queue_size=10), {}, "method.queue_size=10 must be a positive multiple of the global batch"),
+    (dict(shuffle_bn_splits=3), {}, "method.shuffle_bn_splits=3 must divide"),
+    (dict(momentum=1.5), {}, "method.momentum must be in [0, 1]"),
+    (dict(drloc_weight=0.1), {}, "needs a ViT's token grid"),
+    ({}, dict(frozen_patch_embed=True), "model.frozen_patch_embed=True is a ViT option"),
+    ({}, dict(encoder="resnet5"), "unknown encoder 'resnet5'; registered: resnet18"),
+])
+def test_bad_config_is_one_clear_error_at_build_time(method, model, fragment):
+    d = dict(data=dict(batch_size=4, image_size=16), model=dict(dict(encoder="resnet18"), **model),
+             method=dict(dict(name="mocov2", queue_size=16, shuffle_bn_splits=2), **method))
+    with pytest.raises(UserError) as e:
+        build_method(config_from_dict(d))
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_train_tool_reports_a_predictor_on_mocov2_before_reading_data(tmp_path):
+    proc = run_tool("tools/train.py", "--help")
+    assert proc.returncode == 0
+    proc = run_tool("tools/train.py", "recipes/mocov2_resnet18_synthetic.yaml", f"output_dir={tmp_path / 'run'}",
+                    f"data.path={tmp_path / 'does-not-exist'}", "method.pred_layers=2", "eval.knn_val_path=")
+    assert_user_error(proc, "method.pred_layers=2", "MoCo v2 has no predictor")
