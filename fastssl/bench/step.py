@@ -214,8 +214,8 @@ def plot(record: BenchRecord, path) -> None:
     ratio, wait = {}, {}
     for w in sorted({r["workers"] for r in record.figures}):
         rows = {f"{r['backend']} b{r['batch']}": r for r in record.figures if r["workers"] == w}
-        ratio[f"{w} workers"] = (labels, [rows[k]["input_bound_ratio"] if k in rows else 0.0 for k in labels])
-        wait[f"{w} workers"] = (labels, [rows[k]["data_wait_fraction"] if k in rows else 0.0 for k in labels])
+        ratio[f"workers={w}"] = (labels, [rows[k]["input_bound_ratio"] if k in rows else 0.0 for k in labels])
+        wait[f"workers={w}"] = (labels, [rows[k]["data_wait_fraction"] if k in rows else 0.0 for k in labels])
     save_plot(path, [Panel("input-bound ratio (1.0 = compute-bound)", "backend, batch", "step / model", ratio,
                            bars=True),
                      Panel("time blocked on data", "backend, batch", "share of wall time", wait, bars=True)],
