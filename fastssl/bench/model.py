@@ -193,6 +193,8 @@ def run(args) -> BenchRecord:
     check_names(methods, method_names(), "--method")
     check_names(encoders, encoder_names(), "--encoder")
     check_names(compiles, ["false", "true"], "--compile")
+    if args.source_size < 0 or 0 < args.source_size < 8:
+        raise UserError(f"--source-size {args.source_size}; expected 0 (the image size) or at least 8 pixels")
     acc = t["accelerator"]
     rows = []
     for point in grid(method=methods, encoder=encoders, compile=compiles, batch=t["batches"]):
