@@ -185,7 +185,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML reads `false` as a bool: string fields like compile=auto|true|false
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
             return str(value)
         raise UserError(f"{where}: expected a string, got {value!r}")
     raise TypeError(f"unsupported config type {_type_name(tp)} at {where}")

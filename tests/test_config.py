@@ -18,6 +18,9 @@ def test_overrides_are_typed_from_the_dataclass():
     assert cfg.optim.betas == (0.9, 0.95) and cfg.train.progress is False
     assert isinstance(cfg.optim.warmup_epochs, float)  # an int literal becomes the field's float
     assert load_config(None, ["optim.weight_decay=1e-4"]).optim.weight_decay == 1e-4  # YAML 1.1 reads a str
+    # YAML reads `false` as a bool; a string field with true/false among its values takes it as written.
+    assert load_config(None, ["model.compile=false"]).model.compile == "false"
+    assert load_config(None, ["model.compile=true"]).model.compile == "true"
 
 
 @pytest.mark.parametrize("override, fragments", [

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("recipe", help="recipe YAML file (see recipes/)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=0.5 resume=RUN_DIR")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may sit between the recipe and its overrides
 
     from fastssl.config import dump_config, load_config
     from fastssl.train import train

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks behind docs/BENCHMARKS.md's "GPU figures", for a one-GPU machine whose
+# python3 already holds torch, timm, accelerate and triton (nothing is installed: the repo is run from
+# PYTHONPATH). Each part has its own time limit and writes into $OUT as it goes, so a part that fails or
+# runs out of time still leaves the others' figures. Sizes can be shrunk through the variables below (the CPU
+# smoke run in tests uses tiny ones).
+#
+#   OUT=gpu_out bash .ci/gpu_bench.sh
+set -u
+OUT=${OUT:-gpu_out}
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+LOSS_N=${LOSS_N:-8192,32768,131072,262144}
+BATCH=${BATCH:-1024}            # global = per-GPU batch here: one process
+SIZE=${SIZE:-224}
+SRC_SIZE=${SRC_SIZE:-320}       # side of the generated JPEGs the 224 px views are cut from
+PER_CLASS=${PER_CLASS:-150}     # per class and generator: 10 classes x GENERATORS x PER_CLASS images
+GENERATORS=${GENERATORS:-8}     # drawn in parallel (seeds 0..), merged: 12,000 images = 11 batches of 1024
+WORKERS=${WORKERS:-8}           # the goal: at most 8 CPU cores per GPU
+STEPS=${STEPS:-8}
+WARMUP=${WARMUP:-3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+mkdir -p "$OUT"
+DATA=$(mktemp -d)/syn
+
+part() {  # part NAME LIMIT_S CMD...: run CMD with a time limit, log its rc and seconds, keep its output
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "== $name: $*" >>"$OUT/log.txt"
+  timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+  local rc=$?
+  echo "== $name rc=$rc in $((SECONDS - t0)) s" | tee -a "$OUT/log.txt"
+  tail -n 30 "$OUT/$name.txt"
+}
+
+part env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; nproc; $PY -c '
+import torch, timm, accelerate, numpy
+try:
+    import triton; tv = triton.__version__
+except ImportError:
+    tv = None
+print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"timm\", timm.__version__, \"accelerate\",
+      accelerate.__version__, \"triton\", tv, \"numpy\", numpy.__version__)
+print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no cuda\")'"
+# The dataset is drawn on the CPU while the loss benchmark uses the GPU: one epoch must hold every timed
+# step, or each step would pay an epoch boundary.
+draw() {
+  local i
+  for ((i = 0; i < GENERATORS; i++)); do
+    $PY tools/make_synthetic.py "$DATA.$i" --seed "$i" --size "$SRC_SIZE" --train-per-class "$PER_CLASS" \
+        --val-per-class 1 &
+  done
+  wait || return 1
+  for ((i = 0; i < GENERATORS; i++)); do
+    for d in "$DATA.$i"/train/*/; do
+      mkdir -p "$DATA/train/$(basename "$d")"
+      for f in "$d"*.jpg; do mv "$f" "$DATA/train/$(basename "$d")/g$i-$(basename "$f")"; done
+    done
+  done
+  find "$DATA/train" -name '*.jpg' | wc -l
+}
+draw >"$OUT/synthetic.txt" 2>&1 &
+synth=$!
+part loss 120 $PY tools/bench.py loss --device "$DEVICE" --n "$LOSS_N" --d 128 --impl naive,chunked,triton \
+    --repeats 3 --max-seconds 20 --json "$OUT/loss.json" --plot "$OUT/loss.png"
+part triton_tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_losses_triton.py
+wait $synth; echo "== synthetic rc=$?" | tee -a "$OUT/log.txt"; tail -n 2 "$OUT/synthetic.txt"
+part model_r50 180 $PY tools/bench.py model --device "$DEVICE" --recipe recipes/simclr_resnet50_in1k.yaml \
+    --batch "$BATCH" --compile false,true --steps "$STEPS" --warmup "$WARMUP" --json "$OUT/model_r50.json"
+part step_r50 100 $PY tools/bench.py step --device "$DEVICE" --recipe recipes/simclr_resnet50_in1k.yaml \
+    --batch "$BATCH" --workers "$WORKERS" --backend torch --steps "$STEPS" --warmup "$WARMUP" \
+    data.path="$DATA/train" data.image_size="$SIZE" model.compile=false --json "$OUT/step_r50.json"
+part step_vits 100 $PY tools/bench.py step --device "$DEVICE" --recipe recipes/mocov3_vit_small_in1k.yaml \
+    --batch "$BATCH" --workers "$WORKERS" --backend torch --steps "$STEPS" --warmup "$WARMUP" \
+    data.path="$DATA/train" data.image_size="$SIZE" model.compile=false --json "$OUT/step_vits.json"
+part loader 60 $PY tools/bench.py loader --device "$DEVICE" --data "$DATA/train" --backend torch,pil \
+    --size "$SIZE" --batch 256 --workers "$WORKERS" --batches 10 --warmup 2 --json "$OUT/loader.json" \
+    --plot "$OUT/loader.png"
+# The demo recipe end to end on the GPU (views made there, bf16, encoder compiled: model.compile=auto).
+part demo 150 bash -c "$PY tools/make_synthetic.py $DATA.demo && $PY tools/train.py \
+    recipes/simclr_resnet18_synthetic.yaml data.path=$DATA.demo/train eval.knn_val_path=$DATA.demo/val \
+    output_dir=$DATA.run train.progress=false ${DEMO_ARGS:-} && cp $DATA.run/summary.json $DATA.run/metrics.jsonl $OUT/"
+echo "== done" | tee -a "$OUT/log.txt"
