@@ -61,6 +61,19 @@ def test_value_and_gradients_match_float64_oracle(form, d, t, dtype):
 
 
 @kernels_here
+@pytest.mark.parametrize("programs_per_sm", [1, 4, 16], ids=["one-split", "uneven-splits", "a-split-per-tile"])
+@pytest.mark.parametrize("form", FORMS)
+def test_split_walks_match_the_oracle(form, programs_per_sm, monkeypatch):
+    # 150 pairs = 300 anchors in 5 row tiles. On the interpreter's 2 pretend SMs: 1 program per SM leaves the
+    # walk whole; 4 splits it in 192 + 108 columns (a ragged last piece); 16 gives every tile its own split,
+    # so the partial log-sum-exps and gradient sums are reduced across 5 pieces.
+    from fastssl.losses import triton_infonce
+
+    monkeypatch.setattr(triton_infonce, "PROGRAMS_PER_SM", programs_per_sm)
+    assert_matches_oracle(form, 64, 0.1, torch.float32, "triton", 150, seed=programs_per_sm, device=DEVICE)
+
+
+@kernels_here
 def test_fp16_inputs():
     assert_matches_oracle("nt_xent", 128, 0.1, torch.float16, "triton", 37, seed=11, device=DEVICE,
                           operands_rounded=True)

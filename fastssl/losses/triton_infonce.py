@@ -5,6 +5,11 @@ exponentials (an online log-sum-exp, Milakov & Gimelshein 2018), so only the M l
 Backward: two deterministic kernels recompute the tiles, one per anchor block (dA, walking candidates) and
 one per candidate block (dC, walking anchors) -- no atomics, so gradients are bitwise reproducible.
 
+Parallelism: one program per row block alone gives a GPU too few programs (8192 anchors in 64-row blocks = 128
+programs for 132 SMs, one 4-warp program each), so the walk over the other side is split until there are about
+PROGRAMS_PER_SM programs per SM (flash-decoding); the splits' partial log-sum-exps and gradient sums are reduced
+in torch, in a fixed order, so results stay deterministic. Large N needs no split.
+
 Precision: bf16/fp16 operands go to tl.dot as they are (fp32 accumulation); the softmax block P is rounded to
 the operand dtype before the second matmul, as flash-attention does. fp32 operands follow torch's
 float32 matmul precision setting ("highest" -> exact fp32, otherwise tf32), like the naive impl's matmul.
@@ -31,6 +36,10 @@ except ImportError:  # optional: chunked.py is the fallback
 # Whole feature rows sit in one tile; 256 covers SimCLR (128) and MoCo v3 (256) and keeps the (64 x 256)
 # fp32 accumulator of the backward kernels in registers. Wider features use the chunked impl.
 MAX_DIM = 256
+# Programs wanted per SM before the walk is split; the interpreter pretends to have 2 SMs, so that small test
+# inputs run the split path too.
+PROGRAMS_PER_SM = 4
+_INTERPRETER_SMS = 2
 
 
 def _interpreting() -> bool:
@@ -66,16 +75,29 @@ def _launch_args(d: int, self_offset: int | None, dtype: torch.dtype) -> dict:
                 PRECISION="ieee" if exact else "tf32", num_warps=4 if block_d <= 128 else 8, num_stages=2)
 
 
+def _split_len(blocks: int, walk: int, tile: int, device: torch.device) -> int:
+    """Length (a multiple of `tile`) of each piece of the `walk` the `blocks` row blocks are split along."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = _INTERPRETER_SMS
+    tiles = triton.cdiv(walk, tile)
+    splits = max(1, min(tiles, triton.cdiv(PROGRAMS_PER_SM * sms, blocks)))
+    return triton.cdiv(tiles, splits) * tile
+
+
 def row_lse(a: torch.Tensor, c: torch.Tensor, scale: float, self_offset: int | None,
             dtype: torch.dtype) -> torch.Tensor:
     op = _operand_dtype(dtype)
     a, c = a.to(op).contiguous(), c.to(op).contiguous()
     (m, d), n = a.shape, c.shape[0]
-    lse = torch.empty(m, device=a.device, dtype=torch.float32)
     args = _launch_args(d, self_offset, op)
-    kernels.lse_kernel[(triton.cdiv(m, args["BLOCK_M"]),)](
-        a, c, lse, m, n, d, scale, self_offset or 0, **args)
-    return lse
+    blocks = triton.cdiv(m, args["BLOCK_M"])
+    split_len = _split_len(blocks, n, args["BLOCK_N"], a.device)
+    splits = triton.cdiv(n, split_len)
+    lse = torch.empty(splits, m, device=a.device, dtype=torch.float32)
+    kernels.lse_kernel[(blocks, splits)](a, c, lse, m, n, d, scale, self_offset or 0, split_len, **args)
+    return lse[0] if splits == 1 else torch.logsumexp(lse, dim=0)
 
 
 def row_lse_backward(a: torch.Tensor, c: torch.Tensor, scale: float, self_offset: int | None,
@@ -86,12 +108,21 @@ def row_lse_backward(a: torch.Tensor, c: torch.Tensor, scale: float, self_offset
     lse, weight = lse.contiguous(), weight.float().contiguous()
     (m, d), n = a.shape, c.shape[0]
     args = _launch_args(d, self_offset, op)
-    da = torch.empty(m, d, device=a.device, dtype=torch.float32)
-    kernels.grad_anchor_kernel[(triton.cdiv(m, args["BLOCK_M"]),)](
-        a, c, lse, weight, da, m, n, d, scale, self_offset or 0, **args)
+    da = _split_sum(kernels.grad_anchor_kernel, triton.cdiv(m, args["BLOCK_M"]), n, args["BLOCK_N"], m, d,
+                    (a, c, lse, weight), (m, n, d, scale, self_offset or 0), args)
     dc = None
     if need_dc:
-        dc = torch.empty(n, d, device=a.device, dtype=torch.float32)
-        kernels.grad_candidate_kernel[(triton.cdiv(n, args["BLOCK_N"]),)](
-            a, c, lse, weight, dc, m, n, d, scale, self_offset or 0, **args)
+        dc = _split_sum(kernels.grad_candidate_kernel, triton.cdiv(n, args["BLOCK_N"]), m, args["BLOCK_M"], n, d,
+                        (a, c, lse, weight), (m, n, d, scale, self_offset or 0), args)
     return da, dc
+
+
+def _split_sum(kernel, blocks: int, walk: int, tile: int, rows: int, d: int, tensors: tuple, scalars: tuple,
+               args: dict) -> torch.Tensor:
+    """Launch a gradient kernel over (blocks, splits) programs and sum the splits' partial (rows, d) results."""
+    device = tensors[0].device
+    split_len = _split_len(blocks, walk, tile, device)
+    splits = triton.cdiv(walk, split_len)
+    out = torch.empty(splits, rows, d, device=device, dtype=torch.float32)
+    kernel[(blocks, splits)](*tensors, out, *scalars, split_len, **args)
+    return out[0] if splits == 1 else out.sum(dim=0)
