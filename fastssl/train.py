@@ -16,6 +16,7 @@ from fastssl.data.imagefolder import scan_image_folder
 from fastssl.errors import UserError
 from fastssl.eval.monitor import KnnMonitor
 from fastssl.methods import build_method
+from fastssl.methods.base import DDP_FIND_UNUSED_PARAMETERS
 from fastssl.metrics import MetricsLog, Progress
 from fastssl.optim import build_optimizer
 from fastssl.rundir import prepare_run_dir
@@ -85,8 +86,18 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: Config) -> dict:
+def make_accelerator(cfg: Config):
+    """The loop's Accelerator: precision from the recipe, the CPU when torch sees no GPU, and the DDP options
+    the method needs (see DDP_FIND_UNUSED_PARAMETERS)."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.method.name in DDP_FIND_UNUSED_PARAMETERS)
+    return Accelerator(mixed_precision=resolve_precision(cfg.train.precision), cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[ddp])
+
+
+def train(cfg: Config) -> dict:
     from accelerate.utils import set_seed
 
     cfg, run_dir, resuming = prepare_run_dir(cfg)
@@ -94,8 +105,7 @@ def train(cfg: Config) -> dict:
         raise UserError(f"train.grad_accum={cfg.train.grad_accum} changes the negatives of a contrastive loss "
                         f"(each micro-batch sees only its own); set train.allow_grad_accum=true to accept that")
     knn_sets = _knn_sets(cfg)
-    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.train.precision),
-                              cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     monitor = KnnMonitor(cfg, accelerator.device)  # checks its folders now, not after the first epoch
 

@@ -13,23 +13,23 @@ import torch  # noqa: E402
 
 
 def main(out: str, method_name: str) -> None:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from fastssl.config import load_config
     from fastssl.methods import build_method
     from fastssl.optim import build_optimizer
     from fastssl.sync_bn import convert_global_bn
+    from fastssl.train import make_accelerator
     from pipelines.base import ViewBatch
 
-    acc = Accelerator(cpu=True)
     overrides = {
         "simclr": ["method.name=simclr", "method.proj_layers=2", "method.proj_hidden=32", "method.proj_dim=16",
                    "optim.name=lars"],
         "mocov3": ["method.name=mocov3", "method.temperature=0.2", "optim.name=lars"],
     }[method_name]
     cfg = load_config(None, ["model.encoder=resnet18", "model.small_input=true", "data.image_size=16",
-                             "data.batch_size=8", *overrides])
+                             "data.batch_size=8", "train.precision=fp32", *overrides])
+    acc = make_accelerator(cfg)  # the trainer's, DDP options included
     set_seed(0)
     method = build_method(cfg)
     if method.global_bn:

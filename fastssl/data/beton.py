@@ -73,9 +73,22 @@ class _Samples:
 
 
 def _watch_workers(stop: threading.Event, failed: list[str], errors) -> None:
-    """Interrupt the main thread when one of ffcv's writer processes dies (ffcv would hang)."""
+    """Interrupt the main thread when one of ffcv's writer processes dies (ffcv would hang).
+
+    A worker that fails on an image puts the message on `errors` first: that is watched directly, because
+    active_children() reaps a process that has already exited, so a worker dying before the first look
+    would never be seen dead (a hang seen on CI). Workers that die silently (killed, out of memory) are
+    caught by the process check, as long as one look saw them alive.
+    """
     seen: dict[int, multiprocessing.Process] = {}
-    while not stop.wait(0.2):
+    while not stop.is_set():
+        try:
+            failed.append(errors.get(timeout=0.2))
+        except queue.Empty:
+            pass
+        else:
+            _thread.interrupt_main()
+            return
         for p in multiprocessing.active_children():
             seen[p.pid] = p
         dead = [p for p in seen.values() if p.exitcode not in (None, 0)]
