@@ -25,7 +25,7 @@ from fastssl.config import Config, apply_overrides, config_from_dict, load_yaml
 from fastssl.errors import UserError
 
 from pipelines import ops
-from pipelines.augment import AugmentSpec, preset
+from pipelines.augment import AugmentSpec, spec_for
 from pipelines.base import ViewBatch
 
 DEFAULT_RECIPE = "recipes/simclr_resnet18_synthetic.yaml"  # the demo
@@ -85,7 +85,7 @@ def bench_model(cfg: Config, accelerator, steps: int, warmup: int, source_size: 
                 count: bool = True) -> ModelFigures:
     """Images/s of the training step on a synthetic batch of cfg.data.batch_size (global) images."""
     device = accelerator.device
-    spec = preset(cfg.data.augment, cfg.data.image_size)
+    spec = spec_for(cfg.data)  # the recipe's augmentations, data.crop_scale included, as train.py builds them
     batch = cfg.data.batch_size // accelerator.num_processes
     synthetic = SyntheticViews(spec, batch, source_size or cfg.data.image_size, device, cfg.seed)
     if device.type == "cuda":

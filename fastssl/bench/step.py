@@ -26,7 +26,7 @@ from fastssl.bench.trainstep import TrainingStep
 from fastssl.config import Config
 from fastssl.errors import UserError
 
-from pipelines.augment import preset
+from pipelines.augment import spec_for
 from pipelines.base import LoaderContext, build_loader
 
 TRAINING_BACKENDS = tuple(b for b in LOADER_BACKENDS if b != "pil")  # the baseline is not a training backend
@@ -122,7 +122,7 @@ class StepFigures:
 
 def bench_step(cfg: Config, accelerator, steps: int, warmup: int, model: ModelFigures) -> StepFigures:
     device = accelerator.device
-    spec = preset(cfg.data.augment, cfg.data.image_size)
+    spec = spec_for(cfg.data)  # the recipe's augmentations, data.crop_scale included, as train.py builds them
     ctx = LoaderContext(device, accelerator.process_index, accelerator.num_processes, cfg.seed)
     loader = build_loader(cfg.data, spec, ctx)
     step = TrainingStep(cfg, accelerator)

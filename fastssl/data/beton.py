@@ -49,9 +49,10 @@ class ConvertSummary:
 class _Samples:
     """The indexable dataset ffcv's writer processes read: (H x W x 3 uint8, label)."""
 
-    def __init__(self, samples, errors):
+    def __init__(self, samples, errors, failures):
         self.samples = samples
-        self.errors = errors  # multiprocessing.Queue back to the parent
+        self.errors = errors  # multiprocessing.Queue back to the parent: the messages
+        self.failures = failures  # multiprocessing.Value: how many, visible to the parent at once
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -64,39 +65,29 @@ class _Samples:
         try:
             return load_rgb(path), label
         except UserError as e:
-            # An exception here kills the worker and ffcv's writer then waits forever for its samples;
-            # tell the parent and leave, so the watchdog can stop the conversion with this message.
+            # An image that passed the up-front check and fails now (changed or removed meanwhile). Raising
+            # would kill this worker, and ffcv's writer would wait forever for its samples; so report it,
+            # write a placeholder, and let the parent discard the whole file once the writer returns.
+            with self.failures.get_lock():
+                self.failures.value += 1
             self.errors.put(str(e))
-            self.errors.close()
-            self.errors.join_thread()  # os._exit would drop a message still in the queue's feeder thread
-            os._exit(3)
+            return _PLACEHOLDER, label
 
 
-def _watch_workers(stop: threading.Event, failed: list[str], errors) -> None:
-    """Interrupt the main thread when one of ffcv's writer processes dies (ffcv would hang).
+_PLACEHOLDER = np.zeros((8, 8, 3), np.uint8)
 
-    A worker that fails on an image puts the message on `errors` first: that is watched directly, because
-    active_children() reaps a process that has already exited, so a worker dying before the first look
-    would never be seen dead (a hang seen on CI). Workers that die silently (killed, out of memory) are
-    caught by the process check, as long as one look saw them alive.
-    """
+
+def _watch_workers(stop: threading.Event, failed: list[str]) -> None:
+    """Interrupt the main thread when one of ffcv's writer processes dies (killed, out of memory): ffcv would
+    wait forever for its samples. Best effort: active_children() reaps an exited process, so a worker dying
+    before the first look is not seen. Failing images do not kill workers (see _Samples)."""
     seen: dict[int, multiprocessing.Process] = {}
-    while not stop.is_set():
-        try:
-            failed.append(errors.get(timeout=0.2))
-        except queue.Empty:
-            pass
-        else:
-            _thread.interrupt_main()
-            return
+    while not stop.wait(0.2):
         for p in multiprocessing.active_children():
             seen[p.pid] = p
         dead = [p for p in seen.values() if p.exitcode not in (None, 0)]
         if dead:
-            try:
-                failed.append(errors.get(timeout=1.0))
-            except queue.Empty:  # the worker died without a message (killed, out of memory)
-                failed.append(f"writer process {dead[0].pid} died with exit code {dead[0].exitcode}")
+            failed.append(f"writer process {dead[0].pid} died with exit code {dead[0].exitcode}")
             _thread.interrupt_main()
             return
 
@@ -159,13 +150,20 @@ def convert_image_folder(src, out, *, max_resolution: int | None = None, jpeg_qu
                                 smart_threshold=smart_threshold)
     writer = DatasetWriter(str(tmp), {IMAGE_FIELD: image_field, LABEL_FIELD: IntField()},
                            page_size=page_mib << 20, num_workers=workers)
-    errors = multiprocessing.get_context("fork").Queue()
+    ctx = multiprocessing.get_context("fork")
+    errors, failures = ctx.Queue(), ctx.Value("i", 0)
     stop, failed = threading.Event(), []
-    watchdog = threading.Thread(target=_watch_workers, args=(stop, failed, errors), daemon=True)
+    watchdog = threading.Thread(target=_watch_workers, args=(stop, failed), daemon=True)
     watchdog.start()
     try:
-        writer.from_indexed_dataset(_Samples(samples, errors), chunksize=chunk_size)
+        writer.from_indexed_dataset(_Samples(samples, errors, failures), chunksize=chunk_size)
         stop.set()
+        if failures.value:
+            try:  # the count is shared memory; the message follows through the queue's pipe
+                message = errors.get(timeout=10.0)
+            except queue.Empty:
+                message = f"{failures.value} image(s) failed to load while writing"
+            raise UserError(f"conversion of {index.root} stopped: {message}; nothing was written to {out}")
         os.replace(tmp, out)
     except KeyboardInterrupt:
         if not failed:
