@@ -58,13 +58,43 @@ def test_extreme_logits_stay_finite_and_exact(impl, form, small_blocks):
 
 
 def test_chunked_matches_naive_under_bf16_autocast():
-    # The trainer calls the loss under autocast; the fused impl disables it inside and stays exact in fp32.
+    # The trainer calls the loss under autocast; the chunked backend runs its matmuls in fp32 whatever the
+    # operand dtype it is handed, so it stays exact.
     x, y, _ = make_case("nt_xent", 37, 128, 5, torch.float32)
     ref_loss, _, _ = oracle("nt_xent", x, y, None, 0.1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = losses.nt_xent(x, y, 0.1, impl="chunked")
     assert loss.dtype == torch.float32
     assert abs(loss.item() - ref_loss) <= tolerances("float32", 128, 0.1, False)[0]
+
+
+@pytest.mark.parametrize("autocast, in_dtype, expected", [
+    (False, torch.float32, torch.float32),
+    (True, torch.float32, torch.bfloat16),   # fp32 rows under bf16 autocast: bf16 operands, as naive's matmul
+    (True, torch.bfloat16, torch.bfloat16),  # 16-bit inputs keep their own dtype
+    (False, torch.bfloat16, torch.bfloat16),
+])
+def test_backends_get_the_autocast_operand_dtype(autocast, in_dtype, expected, monkeypatch):
+    from fastssl.losses import fused
+
+    seen = []
+
+    class Spy:
+        def row_lse(self, a, c, scale, self_offset, dtype):
+            seen.append(dtype)
+            return chunked.row_lse(a, c, scale, self_offset, dtype)
+
+        def row_lse_backward(self, a, c, scale, self_offset, dtype, *rest):
+            seen.append(dtype)
+            return chunked.row_lse_backward(a, c, scale, self_offset, dtype, *rest)
+
+    x, y, _ = make_case("nt_xent", 9, 16, 1, in_dtype)
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        c = losses._common.nt_xent_contrast(x, y, 0.1)
+        loss = fused.contrastive_loss(c, Spy())
+    loss.backward()  # outside autocast, as accelerate's backward is: the forward's choice is kept
+    assert seen == [expected, expected]
 
 
 class _LargestTensor(TorchDispatchMode):

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_losses_oracle import FORMS, assert_matches_oracle, oracle, run_impl, tolerances
+from test_losses_oracle import FORMS, assert_matches_oracle, make_case, oracle, run_impl, tolerances
 
 pytestmark = [pytest.mark.triton,
               pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")]
@@ -113,3 +113,19 @@ def test_wider_rows_than_a_tile_are_a_user_error():
 
     with pytest.raises(UserError, match="feature dim 300"):
         losses.nt_xent(torch.randn(4, 300), torch.randn(4, 300), impl="triton")
+
+
+@kernels_here
+@pytest.mark.parametrize("form", FORMS)
+def test_fp32_rows_under_bf16_autocast_match_the_oracle_at_bf16_tolerance(form):
+    # Training under bf16 autocast hands the loss fp32 rows (the projector ends in BN); the matmuls then run on
+    # bf16 operands, as the naive impl's autocast matmul does -- within the bf16 operand-rounding tolerance
+    # of the float64 oracle, which sees the fp32 inputs exactly.
+    x, y, queue = make_case(form, SIZES[form], 128, 5, torch.float32)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss, gx, gy = run_impl(form, x, y, queue, 0.1, "triton", DEVICE)
+    ref_loss, ref_gx, ref_gy = oracle(form, x, y, queue, 0.1)
+    loss_tol, grad_tol = tolerances("bfloat16", 128, 0.1, operands_rounded=True)
+    assert abs(loss - ref_loss) <= loss_tol
+    for got, ref in ((gx, ref_gx), (gy, ref_gy)):
+        assert np.abs(got - ref).max() / np.abs(ref).max() <= grad_tol

@@ -10,7 +10,8 @@ functions over normalised fp32 rows a (M, D), c (C, D), s_ij = scale * <a_i, c_j
     row_lse(a, c, scale, self_offset, dtype)                 -> lse_i = log sum_j exp(s_ij)        (M,)
     row_lse_backward(a, c, scale, self_offset, dtype, lse, w, need_dc)
         -> (scale * sum_j P_ij c_j, scale * sum_i P_ij a_i or None),  P_ij = w_i exp(s_ij - lse_i)
-`dtype` is the caller's input dtype: a backend may run its matmuls in it (bf16/fp16) with fp32 accumulation.
+`dtype` is the operand dtype: the input dtype, or the autocast dtype for fp32 inputs under autocast; a backend may run
+its matmuls in it (bf16/fp16) with fp32 accumulation.
 """
 
 from __future__ import annotations
@@ -38,12 +39,18 @@ def _unit_backward_(x_hat: torch.Tensor, norm: torch.Tensor, grad: torch.Tensor)
 class _FusedContrastive(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchors, candidates, extra_positive, positive_index, temperature, self_offset, backend):
-        # The impl decides its own precision (fp32 accumulation); an ambient autocast must not recast it.
-        with torch.autocast(anchors.device.type, enabled=False):
+        # The matmul operands take the autocast dtype when autocast is on, as the naive impl's `a @ c.T` does
+        # (in training under bf16 the projector's last BN hands the loss fp32 rows); on a GPU that selects the
+        # bf16 tensor-core kernel, where exact fp32 Triton dots are ~40x slower (docs/BENCHMARKS.md).
+        # Everything else -- normalisation, scaling, log-sum-exp, accumulation -- stays in fp32.
+        device_type, op_dtype = anchors.device.type, anchors.dtype
+        if op_dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+            op_dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
             scale = 1.0 / temperature
             a, _ = _unit(anchors)
             c = a if candidates is anchors else _unit(candidates)[0]
-            lse = backend.row_lse(a, c, scale, self_offset, anchors.dtype)
+            lse = backend.row_lse(a, c, scale, self_offset, op_dtype)
             positive = c[positive_index] if positive_index is not None else _unit(extra_positive)[0]
             pos = scale * (a * positive).sum(1)
             if positive_index is not None:
@@ -52,7 +59,7 @@ class _FusedContrastive(torch.autograd.Function):
                 per_anchor = torch.logaddexp(lse, pos) - pos  # MoCo v2: [l_pos, l_neg] in one softmax
             loss = per_anchor.mean()
         ctx.save_for_backward(anchors, candidates, extra_positive, positive_index, lse, pos)
-        ctx.scale, ctx.self_offset, ctx.backend = scale, self_offset, backend
+        ctx.scale, ctx.self_offset, ctx.backend, ctx.op_dtype = scale, self_offset, backend, op_dtype
         # SimCLR on one process: anchors and candidates are the same tensor. Their gradients are then summed
         # here in fp32 and returned once, not rounded to bf16 twice and added in bf16 by autograd.
         ctx.shared = candidates is anchors
@@ -76,7 +83,7 @@ class _FusedContrastive(torch.autograd.Function):
                 # d/dlse of logaddexp(lse, pos) - pos is sigmoid(lse - pos) = 1 - softmax weight of l_pos.
                 w_lse = torch.sigmoid(lse - pos)
                 positive, p_norm = _unit(extra_positive)
-            da, dc = ctx.backend.row_lse_backward(a, c, scale, ctx.self_offset, anchors.dtype, lse, w_lse, need_c)
+            da, dc = ctx.backend.row_lse_backward(a, c, scale, ctx.self_offset, ctx.op_dtype, lse, w_lse, need_c)
             pull = (-scale * w_lse)[:, None]  # d loss_i / d pos_i, times d pos_i / d(a_i . positive_i)
             grads = [None] * 7
             d_anchor = da.addcmul_(pull, positive)
