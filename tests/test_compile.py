@@ -32,7 +32,7 @@ def test_compiled_encoder_gives_the_eager_outputs():
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
-def test_five_training_steps_compile_once(tmp_path, monkeypatch):
+def test_five_training_steps_compile_once(tmp_path):
     """The trainer's own compile path (model.compile=true on the encoder and projector) over 5 steps with
     dynamo set to raise on any recompilation: the loop's shapes, dtypes and module flags stay fixed."""
     import torch._dynamo
@@ -43,7 +43,6 @@ def test_five_training_steps_compile_once(tmp_path, monkeypatch):
     data = tmp_path / "ds"
     make_synthetic_dataset(data, classes=2, train_per_class=8, val_per_class=1, size=16, seed=0)
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     cfg = load_config(ROOT / "recipes/simclr_resnet18_synthetic.yaml", [
         f"data.path={data}/train", "eval.knn_val_path=", f"output_dir={tmp_path / 'run'}", "data.image_size=16",
         "data.batch_size=4", "data.workers=0", "train.max_steps=5", "train.log_every=1", "train.progress=false",
@@ -51,7 +50,8 @@ def test_five_training_steps_compile_once(tmp_path, monkeypatch):
     from torch._dynamo.utils import counters
 
     counters.clear()
-    train(cfg)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # dynamo's own patcher restores it exactly
+        train(cfg)
     # Something was compiled (the flag reached the networks), and nothing twice: error_on_recompile raises.
     assert counters["stats"]["unique_graphs"] >= 1
     rows = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
