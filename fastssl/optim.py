@@ -1,7 +1,9 @@
-"""Optimisers: LARS (SimCLR, MoCo v3 ResNet), LAMB, AdamW (MoCo v3 ViT).
+"""Optimisers: LARS (SimCLR, MoCo v3 ResNet), LAMB, AdamW (MoCo v3 ViT), SGD (MoCo v1/v2).
 
-None of them decays or LARS/LAMB-adapts biases and normalisation parameters (SimCLR appendix B.1; MoCo v3's
-`exclude_bias_and_norm`): the 1-D parameters go in a group with weight_decay 0 and `adapt` False.
+LARS, LAMB and AdamW neither decay nor LARS/LAMB-adapt biases and normalisation parameters (SimCLR appendix B.1;
+MoCo v3's `exclude_bias_and_norm`): the 1-D parameters go in a group with weight_decay 0 and `adapt` False.
+SGD follows MoCo v1/v2 (He et al. 2020 sec. 4.1 and the moco reference code): torch's SGD with momentum and the
+weight decay on every trainable parameter, biases and BN included.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from torch import nn
 
 from fastssl.errors import UserError
 
-OPTIMIZERS = ("lars", "lamb", "adamw")
+OPTIMIZERS = ("lars", "lamb", "adamw", "sgd")
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -95,6 +97,9 @@ class LAMB(torch.optim.Optimizer):
 
 
 def build_optimizer(optim_cfg, module: nn.Module, lr: float) -> torch.optim.Optimizer:
+    if optim_cfg.name == "sgd":
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        return torch.optim.SGD(trainable, lr=lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
     groups = param_groups(module, optim_cfg.weight_decay)
     if optim_cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=optim_cfg.momentum, trust_coefficient=optim_cfg.trust_coefficient)

@@ -85,7 +85,7 @@ def test_lamb_matches_you_et_al_algorithm_2():
     _run(lambda g: LAMB(g, lr=lr, betas=(b1, b2), eps=eps), ref)
 
 
-@pytest.mark.parametrize("name", ["lars", "lamb", "adamw"])
+@pytest.mark.parametrize("name", ["lars", "lamb", "adamw", "sgd"])
 def test_build_optimizer_leaves_frozen_params_untouched(name):
     m = _model()
     before = m.frozen.weight.clone()
@@ -93,4 +93,26 @@ def test_build_optimizer_leaves_frozen_params_untouched(name):
     m(torch.randn(8, 5)).sum().backward()
     opt.step()
     assert torch.equal(m.frozen.weight, before)
-    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups if any(p.ndim <= 1 for p in g["params"]))
+    if name != "sgd":  # MoCo's SGD decays everything (see fastssl/optim.py)
+        assert all(g["weight_decay"] == 0.0 for g in opt.param_groups if any(p.ndim <= 1 for p in g["params"]))
+
+
+def test_sgd_is_mocos_momentum_sgd_with_decay_on_every_parameter():
+    # He et al. 2020 sec. 4.1 / the moco reference: v <- mu v + (g + wd p); p <- p - lr v, biases and BN included.
+    m = _model()
+    lr, mu, wd = 0.05, 0.9, 1e-2
+    opt = build_optimizer(OptimConfig(name="sgd", lr=lr, momentum=mu, weight_decay=wd), m, lr=lr)
+    params = [p for p in m.parameters() if p.requires_grad]
+    ref = [p.detach().double().numpy().copy() for p in params]
+    vel = [np.zeros_like(r) for r in ref]
+    for t in range(1, 5):
+        gs = _grads(t, [p.shape for p in params])
+        for p, g in zip(params, gs):
+            p.grad = torch.tensor(g, dtype=p.dtype)
+        opt.step()
+        for i, g in enumerate(gs):
+            d = g + wd * ref[i]
+            vel[i] = d if t == 1 else mu * vel[i] + d  # torch's first step seeds the buffer with d
+            ref[i] = ref[i] - lr * vel[i]
+    for p, r in zip(params, ref):
+        np.testing.assert_allclose(p.detach().double().numpy(), r, rtol=1e-5, atol=1e-6)
