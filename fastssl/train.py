@@ -97,6 +97,47 @@ def make_accelerator(cfg: Config):
                        kwargs_handlers=[ddp])
 
 
+def build_training_method(cfg: Config, device: torch.device):
+    """The method as the loop trains it: global BN when distributed, channels-last on CUDA. Returns it and
+    whether batches must be made channels-last too. Shared with the benchmarks (fastssl/bench/trainstep.py)."""
+    method = build_method(cfg)
+    if method.global_bn:
+        method = convert_global_bn(method, device)
+    channels_last = cfg.model.channels_last and device.type == "cuda"
+    if channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    return method, channels_last
+
+
+def compile_networks(method) -> None:
+    # nn.Module.compile keeps parameter names, so checkpoints load in eager mode too. Only the networks are
+    # compiled: momentum updates and queue writes stay outside the graphs (no recompiles per step).
+    for net in method.compiled_modules():
+        net.compile(dynamic=False)
+
+
+def channels_last_views(batch: ViewBatch) -> ViewBatch:
+    return ViewBatch(tuple(v.contiguous(memory_format=torch.channels_last) for v in batch.views), batch.labels,
+                     batch.indices)
+
+
+def forward_backward(method, accelerator, batch: ViewBatch, grad_accum: int):
+    """Forward under autocast and backward, over `grad_accum` micro-batches; returns the last LossOutput."""
+    for micro in split_batch(batch, grad_accum):
+        with accelerator.autocast():
+            out = method(micro)
+        accelerator.backward(out.loss / grad_accum)
+    return out
+
+
+def optimizer_step(method, optimizer, accelerator, batch: ViewBatch, grad_accum: int):
+    """One training step before the method's after_step hook: forward_backward, step, zero_grad."""
+    out = forward_backward(method, accelerator, batch, grad_accum)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
 def train(cfg: Config) -> dict:
     from accelerate.utils import set_seed
 
@@ -116,17 +157,9 @@ def train(cfg: Config) -> dict:
 
     # Same seed on every process: identical initial weights. View randomness is per rank (batch_seed).
     set_seed(cfg.seed)
-    method = build_method(cfg)  # validates the method's config before any data is read
-    if method.global_bn:
-        method = convert_global_bn(method, accelerator.device)
-    channels_last = cfg.model.channels_last and accelerator.device.type == "cuda"
-    if channels_last:
-        method = method.to(memory_format=torch.channels_last)
+    method, channels_last = build_training_method(cfg, accelerator.device)  # checks the config before any data
     if resolve_compile(cfg.model.compile, accelerator.device):
-        # nn.Module.compile keeps parameter names, so checkpoints load in eager mode too. Only the networks
-        # are compiled: momentum updates and queue writes stay outside the graphs (no recompiles per step).
-        for net in method.compiled_modules():
-            net.compile(dynamic=False)
+        compile_networks(method)
     spec = spec_for(cfg.data)
     ctx = LoaderContext(accelerator.device, accelerator.process_index, accelerator.num_processes, cfg.seed)
     loader = build_loader(cfg.data, spec, ctx)
@@ -178,13 +211,8 @@ def train(cfg: Config) -> dict:
             for g in optimizer.param_groups:
                 g["lr"] = lr
             if channels_last:
-                batch.views = tuple(v.contiguous(memory_format=torch.channels_last) for v in batch.views)
-            for micro in split_batch(batch, cfg.train.grad_accum):
-                with accelerator.autocast():
-                    out = method(micro)
-                accelerator.backward(out.loss / cfg.train.grad_accum)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                batch = channels_last_views(batch)
+            out = optimizer_step(method, optimizer, accelerator, batch, cfg.train.grad_accum)
             unwrapped.after_step(state.step, total)
             state.step += 1
             window_steps += 1

@@ -16,10 +16,8 @@ def main(out: str, method_name: str) -> None:
     from accelerate.utils import set_seed
 
     from fastssl.config import load_config
-    from fastssl.methods import build_method
     from fastssl.optim import build_optimizer
-    from fastssl.sync_bn import convert_global_bn
-    from fastssl.train import make_accelerator
+    from fastssl.train import build_training_method, make_accelerator
     from pipelines.base import ViewBatch
 
     overrides = {
@@ -31,9 +29,7 @@ def main(out: str, method_name: str) -> None:
                              "data.batch_size=8", "train.precision=fp32", *overrides])
     acc = make_accelerator(cfg)  # the trainer's, DDP options included
     set_seed(0)
-    method = build_method(cfg)
-    if method.global_bn:
-        method = convert_global_bn(method, acc.device)
+    method, _ = build_training_method(cfg, acc.device)
     opt = build_optimizer(cfg.optim, method, lr=0.5)
     method, opt = acc.prepare(method, opt)
 

@@ -11,11 +11,10 @@ import torch
 from fastssl.bench import flops
 from fastssl.config import Config
 from fastssl.errors import UserError
-from fastssl.methods import build_method
 from fastssl.optim import build_optimizer
 from fastssl.schedule import scaled_lr
-from fastssl.sync_bn import convert_global_bn
-from fastssl.train import resolve_compile, resolve_precision, split_batch
+from fastssl.train import (build_training_method, channels_last_views, compile_networks, forward_backward,
+                           optimizer_step, resolve_compile, resolve_precision)
 
 from pipelines.base import ViewBatch
 
@@ -44,12 +43,7 @@ class TrainingStep:
         self.cfg, self.accelerator, self.total_steps = cfg, accelerator, total_steps
         device = accelerator.device
         torch.manual_seed(cfg.seed)
-        method = build_method(cfg)
-        if method.global_bn:
-            method = convert_global_bn(method, device)
-        self.channels_last = cfg.model.channels_last and device.type == "cuda"
-        if self.channels_last:
-            method = method.to(memory_format=torch.channels_last)
+        method, self.channels_last = build_training_method(cfg, device)
         self.method = method.to(device)
         self.compiled = resolve_compile(cfg.model.compile, device)
         self.precision = accelerator.mixed_precision
@@ -70,35 +64,21 @@ class TrainingStep:
             batch = self._layout(batch)
 
             def fwd_bwd():
-                for micro in split_batch(batch, self.cfg.train.grad_accum):
-                    with self.accelerator.autocast():
-                        out = self.method(micro)
-                    self.accelerator.backward(out.loss / self.cfg.train.grad_accum)
+                forward_backward(self.method, self.accelerator, batch, self.cfg.train.grad_accum)
 
             self.flops_per_step = flops.count_flops(fwd_bwd)
             self.optimizer.zero_grad(set_to_none=True)
         return self.flops_per_step
 
     def _layout(self, batch: ViewBatch) -> ViewBatch:
-        if self.channels_last:
-            batch = ViewBatch(tuple(v.contiguous(memory_format=torch.channels_last) for v in batch.views),
-                              batch.labels, batch.indices)
-        return batch
+        return channels_last_views(batch) if self.channels_last else batch
 
     def __call__(self, batch: ViewBatch) -> torch.Tensor:
         if self._compile_pending:
-            # As train.py: only the trainable networks, so EMA updates and queue writes stay outside.
-            for net in self.unwrapped.compiled_modules():
-                net.compile(dynamic=False)
+            compile_networks(self.unwrapped)  # after count_flops, which needs the eager graph
             self._compile_pending = False
-        batch = self._layout(batch)
-        grad_accum = self.cfg.train.grad_accum
-        for micro in split_batch(batch, grad_accum):
-            with self.accelerator.autocast():
-                out = self.method(micro)
-            self.accelerator.backward(out.loss / grad_accum)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        out = optimizer_step(self.method, self.optimizer, self.accelerator, self._layout(batch),
+                             self.cfg.train.grad_accum)
         self.unwrapped.after_step(self.step_index, self.total_steps)
         self.step_index += 1
         return out.loss.detach()
