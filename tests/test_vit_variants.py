@@ -180,3 +180,14 @@ def test_bad_model_config_is_one_clear_error(model, size, fragment):
         check_model_config(ModelConfig(**model))
         create_encoder(ModelConfig(**model), size)
     assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("method", ["simclr", "mocov2", "mocov3"])
+def test_every_method_rejects_vit_options_on_a_resnet(method):
+    # build_method checks the model section for all methods (SimCLR once ignored them silently).
+    from fastssl.config import load_config
+    from fastssl.methods import build_method
+
+    cfg = load_config(None, [f"method.name={method}", "model.encoder=resnet18", "model.frozen_patch_embed=true"])
+    with pytest.raises(UserError, match="model.frozen_patch_embed=True is a ViT option"):
+        build_method(cfg)

@@ -61,8 +61,11 @@ def build_method(cfg) -> Method:
     from fastssl.errors import UserError
     from fastssl.losses import IMPLS
 
+    from fastssl.encoders.vit import check_model_config
+
     if cfg.method.loss_impl not in IMPLS:  # checked here so a typo fails before any data is read
         raise UserError(f"unknown method.loss_impl {cfg.method.loss_impl!r}; valid: {', '.join(IMPLS)}")
+    check_model_config(cfg.model)  # the encoder name, and ViT options given to a ResNet, for every method
     for name in _MODULES:  # importing registers the method; a missing module is simply not offered
         try:
             importlib.import_module(f"fastssl.methods.{name}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from fastssl.encoders import create_encoder
-from fastssl.encoders.vit import check_model_config
 from fastssl.errors import UserError
 from fastssl.heads import build_mlp
 from fastssl.losses import info_nce
@@ -82,7 +81,6 @@ class MoCoV2(Method):
 
 def validate(cfg) -> None:
     m, batch = cfg.method, cfg.data.batch_size
-    check_model_config(cfg.model)
     if m.temperature <= 0:
         raise UserError(f"method.temperature must be > 0, got {m.temperature}")
     if m.proj_layers < 1:

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from fastssl.encoders import create_encoder
-from fastssl.encoders.vit import check_model_config
 from fastssl.errors import UserError
 from fastssl.heads import build_mlp
 from fastssl.losses import info_nce
@@ -83,7 +82,6 @@ class MoCoV3(Method):
 
 def validate(cfg) -> None:
     m = cfg.method
-    check_model_config(cfg.model)
     if m.temperature <= 0:
         raise UserError(f"method.temperature must be > 0, got {m.temperature}")
     if m.proj_layers < 1:
