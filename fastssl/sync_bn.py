@@ -9,6 +9,8 @@ sums. On one process both are plain BatchNorm.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -43,7 +45,9 @@ class GlobalBatchNorm(nn.BatchNorm1d):
         xf = x.float()
         local = torch.cat([xf.sum(dims), (xf * xf).sum(dims),
                            torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)])
-        total = all_reduce(local, group=GlobalBatchNorm.group or dist.group.WORLD)
+        with warnings.catch_warnings():  # its deprecation notice would print on every call, every rank
+            warnings.simplefilter("ignore", FutureWarning)
+            total = all_reduce(local, group=GlobalBatchNorm.group or dist.group.WORLD)
         c = x.shape[1]
         count = total[-1]
         mean = total[:c] / count
