@@ -3,9 +3,11 @@
 # python3 already holds torch, timm, accelerate and triton (nothing is installed: the repo is run from
 # PYTHONPATH). Each part has its own time limit and writes into $OUT as it goes, so a part that fails or
 # runs out of time still leaves the others' figures. Sizes can be shrunk through the variables below (the CPU
-# smoke run in tests uses tiny ones).
+# smoke run in tests uses tiny ones). The device tool brings back only a few files, so every part's output goes
+# to $OUT/work and is re-archived into $OUT/results.tgz after each part.
 #
-#   OUT=gpu_out bash .ci/gpu_bench.sh
+#   OUT=gpu_out bash .ci/gpu_bench.sh                       # the parts the recorded figures came from
+#   PARTS="loss_bf16 model_largest step_compiled" OUT=gpu_out bash .ci/gpu_bench.sh   # the ones still to measure
 set -u
 OUT=${OUT:-gpu_out}
 PY=${PY:-python3}
@@ -19,19 +21,25 @@ GENERATORS=${GENERATORS:-8}     # drawn in parallel (seeds 0..), merged: 12,000 
 WORKERS=${WORKERS:-8}           # the goal: at most 8 CPU cores per GPU
 STEPS=${STEPS:-8}
 WARMUP=${WARMUP:-3}
+LARGEST=${LARGEST:-2048}        # model_largest: first batch tried; halved on out-of-memory
+PARTS=${PARTS:-"loss triton_tests model_r50 step_r50 step_vits loader demo"}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-mkdir -p "$OUT"
+mkdir -p "$OUT/work"
+W=$OUT/work
 DATA=$(mktemp -d)/syn
 
 part() {  # part NAME LIMIT_S CMD...: run CMD with a time limit, log its rc and seconds, keep its output
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
+  case " env $PARTS " in *" $name "*) ;; *) return 0 ;; esac
   echo "== $name: $*" >>"$OUT/log.txt"
-  timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+  timeout "$limit" "$@" >"$W/$name.txt" 2>&1
   local rc=$?
   echo "== $name rc=$rc in $((SECONDS - t0)) s" | tee -a "$OUT/log.txt"
-  tail -n 30 "$OUT/$name.txt"
+  tail -n 30 "$W/$name.txt"
+  tar czf "$OUT/results.tgz.tmp" -C "$W" . && mv "$OUT/results.tgz.tmp" "$OUT/results.tgz"
 }
+wants() { case " $PARTS " in *" $1 "*) return 0 ;; esac; return 1; }
 
 part env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; nproc; $PY -c '
 import torch, timm, accelerate, numpy
@@ -59,25 +67,40 @@ draw() {
   done
   find "$DATA/train" -name '*.jpg' | wc -l
 }
-draw >"$OUT/synthetic.txt" 2>&1 &
-synth=$!
+synth=
+if wants step_r50 || wants step_vits || wants step_compiled || wants loader; then
+  draw >"$W/synthetic.txt" 2>&1 &
+  synth=$!
+fi
 part loss 120 $PY tools/bench.py loss --device "$DEVICE" --n "$LOSS_N" --d 128 --impl naive,chunked,triton \
-    --repeats 3 --max-seconds 20 --json "$OUT/loss.json" --plot "$OUT/loss.png"
+    --repeats 3 --max-seconds 20 --json "$W/loss.json" --plot "$W/loss.png"
+part loss_bf16 120 $PY tools/bench.py loss --device "$DEVICE" --n "$LOSS_N" --d 128 --impl naive,chunked,triton \
+    --dtype bf16 --repeats 2 --max-seconds 30 --json "$W/loss_bf16.json" --plot "$W/loss_bf16.png"
 part triton_tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_losses_triton.py
-wait $synth; echo "== synthetic rc=$?" | tee -a "$OUT/log.txt"; tail -n 2 "$OUT/synthetic.txt"
+if [ -n "$synth" ]; then
+  wait $synth; echo "== synthetic rc=$?" | tee -a "$OUT/log.txt"; tail -n 2 "$W/synthetic.txt"
+fi
 part model_r50 180 $PY tools/bench.py model --device "$DEVICE" --recipe recipes/simclr_resnet50_in1k.yaml \
-    --batch "$BATCH" --compile false,true --steps "$STEPS" --warmup "$WARMUP" --json "$OUT/model_r50.json"
+    --batch "$BATCH" --compile false,true --steps "$STEPS" --warmup "$WARMUP" --json "$W/model_r50.json"
+# Issue 7's "largest batch that fits": the OOM back-off halves from $LARGEST.
+part model_largest 300 bash -c "$PY tools/bench.py model --device $DEVICE --recipe recipes/simclr_resnet50_in1k.yaml \
+    --batch $LARGEST --min-batch 256 --compile false,true --steps $STEPS --warmup $WARMUP --json $W/model_r50_largest.json \
+    && $PY tools/bench.py model --device $DEVICE --recipe recipes/mocov3_vit_small_in1k.yaml --batch $LARGEST \
+    --min-batch 256 --compile false,true --steps $STEPS --warmup $WARMUP --json $W/model_vits_largest.json"
+part step_compiled 200 $PY tools/bench.py step --device "$DEVICE" --recipe recipes/simclr_resnet50_in1k.yaml \
+    --batch "$BATCH" --workers "$WORKERS" --backend torch --steps "$STEPS" --warmup "$WARMUP" \
+    data.path="$DATA/train" data.image_size="$SIZE" model.compile=true --json "$W/step_r50_compiled.json"
 part step_r50 100 $PY tools/bench.py step --device "$DEVICE" --recipe recipes/simclr_resnet50_in1k.yaml \
     --batch "$BATCH" --workers "$WORKERS" --backend torch --steps "$STEPS" --warmup "$WARMUP" \
-    data.path="$DATA/train" data.image_size="$SIZE" model.compile=false --json "$OUT/step_r50.json"
+    data.path="$DATA/train" data.image_size="$SIZE" model.compile=false --json "$W/step_r50.json"
 part step_vits 100 $PY tools/bench.py step --device "$DEVICE" --recipe recipes/mocov3_vit_small_in1k.yaml \
     --batch "$BATCH" --workers "$WORKERS" --backend torch --steps "$STEPS" --warmup "$WARMUP" \
-    data.path="$DATA/train" data.image_size="$SIZE" model.compile=false --json "$OUT/step_vits.json"
+    data.path="$DATA/train" data.image_size="$SIZE" model.compile=false --json "$W/step_vits.json"
 part loader 60 $PY tools/bench.py loader --device "$DEVICE" --data "$DATA/train" --backend torch,pil \
-    --size "$SIZE" --batch 256 --workers "$WORKERS" --batches 10 --warmup 2 --json "$OUT/loader.json" \
-    --plot "$OUT/loader.png"
+    --size "$SIZE" --batch 256 --workers "$WORKERS" --batches 10 --warmup 2 --json "$W/loader.json" \
+    --plot "$W/loader.png"
 # The demo recipe end to end on the GPU (views made there, bf16, encoder compiled: model.compile=auto).
 part demo 150 bash -c "$PY tools/make_synthetic.py $DATA.demo && $PY tools/train.py \
     recipes/simclr_resnet18_synthetic.yaml data.path=$DATA.demo/train eval.knn_val_path=$DATA.demo/val \
-    output_dir=$DATA.run train.progress=false ${DEMO_ARGS:-} && cp $DATA.run/summary.json $DATA.run/metrics.jsonl $OUT/"
+    output_dir=$DATA.run train.progress=false ${DEMO_ARGS:-} && cp $DATA.run/summary.json $DATA.run/metrics.jsonl $W/"
 echo "== done" | tee -a "$OUT/log.txt"
