@@ -1,6 +1,8 @@
 """One optimiser step of a method on a fixed global batch, on 1 process or under torchrun (each rank takes its
 contiguous chunk, as pipelines.base.shard_batches does). Writes the loss (mean over ranks) and the updated
-parameters from rank 0. Used by tests/test_distributed.py; not a test module itself."""
+parameters from rank 0. With a third argument `manual`, DDP's gradient reduction is replaced by a plain
+all-reduce of the same local gradients (the oracle for DDP's own). Used by tests/test_distributed.py; not a
+test module itself."""
 
 from __future__ import annotations
 
@@ -12,7 +14,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 
-def main(out: str, method_name: str) -> None:
+def main(out: str, method_name: str, reduction: str = "ddp") -> None:
+    import contextlib
+
+    import torch.distributed as dist
+
     from accelerate.utils import set_seed
 
     from fastssl.config import load_config
@@ -24,6 +30,7 @@ def main(out: str, method_name: str) -> None:
         "simclr": ["method.name=simclr", "method.proj_layers=2", "method.proj_hidden=32", "method.proj_dim=16",
                    "optim.name=lars"],
         "mocov3": ["method.name=mocov3", "method.temperature=0.2", "optim.name=lars"],
+        "mocov2": ["method.name=mocov2", "method.queue_size=16", "method.shuffle_bn_splits=2", "optim.name=lars"],
     }[method_name]
     cfg = load_config(None, ["model.encoder=resnet18", "model.small_input=true", "data.image_size=16",
                              "data.batch_size=8", "train.precision=fp32", *overrides])
@@ -39,8 +46,15 @@ def main(out: str, method_name: str) -> None:
     n = 8 // w
     local = ViewBatch(tuple(v[r * n:(r + 1) * n] for v in views), torch.zeros(n, dtype=torch.long),
                       torch.arange(r * n, (r + 1) * n))
-    out_ = method(local)
-    acc.backward(out_.loss)
+    manual = reduction == "manual" and w > 1
+    with method.no_sync() if manual else contextlib.nullcontext():
+        out_ = method(local)
+        acc.backward(out_.loss)
+    if manual:
+        for p in method.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= w
     opt.step()
     acc.unwrap_model(method).after_step(0, 10)
     loss = acc.reduce(out_.loss.detach(), reduction="mean")
@@ -51,4 +65,4 @@ def main(out: str, method_name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

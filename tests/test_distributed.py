@@ -80,3 +80,20 @@ def test_two_process_run_stopped_and_resumed_ends_with_the_same_weights(tmp_path
     at3 = torch.load(tmp_path / "part/checkpoints/step_00000003/pytorch_model.bin", map_location="cpu",
                      weights_only=True)
     assert max((at3[k] - v).abs().max().item() for k, v in full.items() if v.is_floating_point()) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["simclr", "mocov2", "mocov3"])
+def test_ddp_reduces_gradients_like_a_plain_all_reduce(method, tmp_path):
+    """On 2 processes, the trainer's DDP (make_accelerator) must leave the parameters where a plain all-reduce
+    of the same local gradients does: the check that caught MoCo v3 needing find_unused_parameters, for every
+    method (MoCo v2's Shuffle BN has no 1-process equivalent, so this is its distributed-gradient oracle)."""
+    results = {}
+    for reduction in ("ddp", "manual"):
+        out = tmp_path / f"{reduction}.pt"
+        _run([str(ROOT / "tests/_dist_step.py"), str(out), method, reduction], 2, tmp_path)
+        results[reduction] = torch.load(out, weights_only=True)
+    ddp, manual = results["ddp"], results["manual"]
+    torch.testing.assert_close(ddp["loss"], manual["loss"], rtol=1e-6, atol=1e-7)
+    for k, v in manual["state"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(ddp["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
