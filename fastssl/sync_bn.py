@@ -16,6 +16,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+# torch.distributed.nn's all_reduce (the differentiable one GlobalBatchNorm needs) warns that it is deprecated on
+# every call, on every rank; this one notice, and nothing else, is silenced once here, not on the hot path.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
+                        category=FutureWarning)
+
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -45,9 +50,7 @@ class GlobalBatchNorm(nn.BatchNorm1d):
         xf = x.float()
         local = torch.cat([xf.sum(dims), (xf * xf).sum(dims),
                            torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)])
-        with warnings.catch_warnings():  # its deprecation notice would print on every call, every rank
-            warnings.simplefilter("ignore", FutureWarning)
-            total = all_reduce(local, group=GlobalBatchNorm.group or dist.group.WORLD)
+        total = all_reduce(local, group=GlobalBatchNorm.group or dist.group.WORLD)
         c = x.shape[1]
         count = total[-1]
         mean = total[:c] / count
