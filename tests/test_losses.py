@@ -74,7 +74,7 @@ def test_chunked_matches_naive_under_bf16_autocast():
     (True, torch.bfloat16, torch.bfloat16),  # 16-bit inputs keep their own dtype
     (False, torch.bfloat16, torch.bfloat16),
 ])
-def test_backends_get_the_autocast_operand_dtype(autocast, in_dtype, expected, monkeypatch):
+def test_backends_get_the_autocast_operand_dtype(autocast, in_dtype, expected):
     from fastssl.losses import fused
 
     seen = []

@@ -58,10 +58,9 @@ _MODULES = ("simclr", "mocov2", "mocov3")
 
 
 def build_method(cfg) -> Method:
+    from fastssl.encoders.vit import check_model_config
     from fastssl.errors import UserError
     from fastssl.losses import IMPLS
-
-    from fastssl.encoders.vit import check_model_config
 
     if cfg.method.loss_impl not in IMPLS:  # checked here so a typo fails before any data is read
         raise UserError(f"unknown method.loss_impl {cfg.method.loss_impl!r}; valid: {', '.join(IMPLS)}")
