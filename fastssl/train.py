@@ -74,6 +74,8 @@ def _knn_sets(cfg: Config):
     if not cfg.eval.knn_val_path:
         return None
     train_path = cfg.eval.knn_train_path or cfg.data.path
+    if not cfg.eval.knn_train_path and not Path(train_path).exists():  # the user's mistake is data.path
+        raise UserError(f"data.path {train_path!r} does not exist")
     if not Path(train_path).is_dir():
         raise UserError(f"eval.knn_train_path {train_path!r} is not an ImageFolder directory (set it when "
                         f"data.path is not one)")

@@ -120,7 +120,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tiny_data, tmp_path):
         return proc, out
 
     proc, out = run(f"data.path={tmp_path / 'nope'}")
-    assert_user_error(proc, "nope")
+    assert_user_error(proc, f"data.path '{tmp_path / 'nope'}' does not exist")
     assert not out.exists()
     empty = tmp_path / "empty"
     empty.mkdir()
