@@ -22,6 +22,9 @@ def test_loss_bench_end_to_end(tmp_path):
     assert "chunked" in proc.stdout and "peak" in proc.stdout
     record = BenchRecord.from_json(out.read_text())
     assert record.kind == "loss" and set(record.versions) == set(VERSION_KEYS)
+    # The record says what the matmuls ran in (triton was not asked for, so no kernel precision).
+    assert record.config["float32_matmul_precision"] == "highest"
+    assert "triton_dot_precision" not in record.config
     rows = {(r["impl"], r["n"]): r for r in record.figures}
     assert set(rows) == {("naive", 4096), ("chunked", 4096)}
     assert all(r["skipped"] is None and r["time_s"] > 0 for r in rows.values())

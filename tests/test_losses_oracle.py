@@ -111,7 +111,7 @@ def test_oracle_value_matches_a_direct_sum():
 
 FORMS = ("nt_xent", "info_nce", "info_nce_queue")
 U32 = 2.0 ** -24  # unit roundoff of fp32
-UNIT_ROUNDOFF = {"float32": U32, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
+UNIT_ROUNDOFF = {"float32": U32, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11, "tf32": 2.0 ** -11}
 
 
 def tolerances(dtype: str, d: int, t: float, operands_rounded: bool) -> tuple[float, float]:

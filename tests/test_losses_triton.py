@@ -129,3 +129,37 @@ def test_fp32_rows_under_bf16_autocast_match_the_oracle_at_bf16_tolerance(form):
     assert abs(loss - ref_loss) <= loss_tol
     for got, ref in ((gx, ref_gx), (gy, ref_gy)):
         assert np.abs(got - ref).max() / np.abs(ref).max() <= grad_tol
+
+
+@pytest.mark.parametrize("setting, expected", [("highest", "tf32x3"), ("high", "tf32"), ("medium", "tf32")])
+def test_fp32_operands_follow_torchs_matmul_precision(setting, expected):
+    # torch's default "highest" must not drop fp32 rows to plain tf32 (10-bit mantissas), and Triton's exact
+    # "ieee" dot (FMA units, 36-41x slower than naive on an H200) is not the way to honour it; 16-bit operands
+    # have no choice to make.
+    from fastssl.losses import triton_infonce
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(setting)
+        assert triton_infonce.dot_precision(torch.float32) == expected
+        assert triton_infonce.dot_precision(torch.bfloat16) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@kernels_here
+def test_tf32_when_torch_allows_it_matches_the_oracle_at_tf32_tolerance():
+    # "high" lets both impls round fp32 operands to tf32 (10-bit mantissa) on a GPU: then the oracle's
+    # operand-rounding tolerance at tf32's unit roundoff applies. (The interpreter computes the dot exactly.)
+    x, y, queue = make_case("nt_xent", SIZES["nt_xent"], 128, 7, torch.float32)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        loss, gx, gy = run_impl("nt_xent", x, y, queue, 0.1, "triton", DEVICE)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    ref_loss, ref_gx, ref_gy = oracle("nt_xent", x, y, queue, 0.1)
+    loss_tol, grad_tol = tolerances("tf32", 128, 0.1, operands_rounded=True)
+    assert abs(loss - ref_loss) <= loss_tol
+    for got, ref in ((gx, ref_gx), (gy, ref_gy)):
+        assert np.abs(got - ref).max() / np.abs(ref).max() <= grad_tol

@@ -163,6 +163,10 @@ def run(args) -> BenchRecord:
     _add_ratios(rows)
     config = {k: cfg[k] for k in ("loss", "dtype", "temperature", "repeats", "max_seconds", "n", "d", "impls")}
     config["memory_method"] = MEMORY_METHOD[memory_method or cfg["device"]]
+    # What the matmuls ran in: torch's setting (naive, chunked) and the triton kernel's tl.dot precision.
+    config["float32_matmul_precision"] = torch.get_float32_matmul_precision()
+    if "triton" in cfg["impls"] and cfg["triton_unavailable"] is None:
+        config["triton_dot_precision"] = triton_infonce.dot_precision(DTYPES[cfg["dtype"]])
     return new_record("loss", config, rows, describe_device(cfg["device"]))
 
 
