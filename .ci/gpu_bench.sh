@@ -8,6 +8,7 @@
 #
 #   OUT=gpu_out bash .ci/gpu_bench.sh                       # the parts the recorded figures came from
 #   PARTS="loss_bf16 model_largest step_compiled" OUT=gpu_out bash .ci/gpu_bench.sh   # the ones still to measure
+#   PARTS=loader_gpu ...   # DALI (mixed decode) and FFCV: needs .ci/device_bundle.sh's parts carried first
 set -u
 OUT=${OUT:-gpu_out}
 PY=${PY:-python3}
@@ -22,6 +23,9 @@ WORKERS=${WORKERS:-8}           # the goal: at most 8 CPU cores per GPU
 STEPS=${STEPS:-8}
 WARMUP=${WARMUP:-3}
 LARGEST=${LARGEST:-2048}        # model_largest: first batch tried; halved on out-of-memory
+BIG_SIZE=${BIG_SIZE:-448}       # loader_gpu: JPEG side, ImageNet's average pixel count (~500 x 375)
+BIG_PER_CLASS=${BIG_PER_CLASS:-50}  # per class and generator (16 of them): 8,000 images, one epoch per row
+LOADER_BATCH=${LOADER_BATCH:-512}
 PARTS=${PARTS:-"loss triton_tests model_r50 step_r50 step_vits loader demo"}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT/work"
@@ -72,10 +76,19 @@ if wants step_r50 || wants step_vits || wants step_compiled || wants loader; the
   draw >"$W/synthetic.txt" 2>&1 &
   synth=$!
 fi
+big=
+if wants loader_gpu; then
+  BIG=$(mktemp -d)/big
+  (DATA=$BIG SRC_SIZE=$BIG_SIZE PER_CLASS=$BIG_PER_CLASS GENERATORS=16 draw) >"$W/synthetic_big.txt" 2>&1 &
+  big=$!
+fi
 part loss 120 $PY tools/bench.py loss --device "$DEVICE" --n "$LOSS_N" --d 128 --impl naive,chunked,triton \
     --repeats 3 --max-seconds 20 --json "$W/loss.json" --plot "$W/loss.png"
 part loss_bf16 120 $PY tools/bench.py loss --device "$DEVICE" --n "$LOSS_N" --d 128 --impl naive,chunked,triton \
     --dtype bf16 --repeats 2 --max-seconds 30 --json "$W/loss_bf16.json" --plot "$W/loss_bf16.png"
+# fp32 inputs after the switch to 3xTF32 (issue 4's speed target at 8k), without the slow chunked impl.
+part loss_fp32 120 $PY tools/bench.py loss --device "$DEVICE" --n "$LOSS_N" --d 128 --impl naive,triton \
+    --repeats 3 --max-seconds 20 --json "$W/loss_fp32.json" --plot "$W/loss_fp32.png"
 part triton_tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_losses_triton.py
 if [ -n "$synth" ]; then
   wait $synth; echo "== synthetic rc=$?" | tee -a "$OUT/log.txt"; tail -n 2 "$W/synthetic.txt"
@@ -99,6 +112,15 @@ part step_vits 100 $PY tools/bench.py step --device "$DEVICE" --recipe recipes/m
 part loader 60 $PY tools/bench.py loader --device "$DEVICE" --data "$DATA/train" --backend torch,pil \
     --size "$SIZE" --batch 256 --workers "$WORKERS" --batches 10 --warmup 2 --json "$W/loader.json" \
     --plot "$W/loader.png"
+# Issues 5 and 6: DALI's mixed (nvJPEG / hardware) decode and FFCV against the torch backend on JPEGs of
+# ImageNet's pixel count, one decode per image, both views made on the GPU; then the GPU-only DALI test.
+if [ -n "$big" ]; then
+  wait $big; echo "== synthetic_big rc=$?" | tee -a "$OUT/log.txt"; tail -n 2 "$W/synthetic_big.txt"
+fi
+part loader_gpu 420 bash -c ". .ci/device_unpack.sh && $PY tools/bench.py loader --device $DEVICE \
+    --data ${BIG:-none}/train --backend torch,dali,ffcv --size $SIZE --batch $LOADER_BATCH --workers $WORKERS \
+    --batches 12 --warmup 3 --json $W/loader_gpu.json --plot $W/loader_gpu.png \
+    && $PY -m pytest -q -p no:cacheprovider tests/test_dali.py tests/test_ffcv.py"
 # The demo recipe end to end on the GPU (views made there, bf16, encoder compiled: model.compile=auto).
 part demo 150 bash -c "$PY tools/make_synthetic.py $DATA.demo && $PY tools/train.py \
     recipes/simclr_resnet18_synthetic.yaml data.path=$DATA.demo/train eval.knn_val_path=$DATA.demo/val \

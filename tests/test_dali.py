@@ -167,6 +167,30 @@ def test_gpu_mixed_decode_agrees_with_cpu_mode(colour_root):
         assert (vg.cpu() - vc).abs().mean() < 0.02
 
 
+@pytest.mark.dali
+@pytest.mark.parametrize("name", ["simclr", "mocov3"])
+def test_gpu_graph_is_well_formed_without_a_gpu(name, monkeypatch):
+    # The GPU pipeline cannot run here, but DALI checks device placement while the Python graph is defined
+    # (a CPU operator fed by a GPU output, a bad argument name): define it without starting a backend and
+    # check what runs where -- one `mixed` decode, every view made and returned on the GPU, meta on the CPU.
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali.pipeline import Pipeline
+
+    from pipelines import dali_graph
+
+    monkeypatch.setattr(Pipeline, "build", lambda self: None)  # the backend needs CUDA
+
+    def source():
+        raise StopIteration
+
+    spec = preset(name, S)
+    pipe = dali_graph.build_pipeline(spec, source, 4, "gpu", 0, 2, 2, 0.65, seed=1)
+    pipe._build_graph()  # DALI's own graph definition step (private API; DALI pinned in setup.cfg)
+    assert sorted({op._op.device for op in pipe._ops}) == ["cpu", "gpu", "mixed"]
+    assert [type(op._op).__name__ for op in pipe._ops if op._op.device == "mixed"] == ["Image"]  # decoders.image
+    assert [node.device for node in pipe._graph_outputs] == ["gpu"] * len(spec.views) + ["cpu"]
+
+
 def _ks(a: np.ndarray, b: np.ndarray) -> float:
     grid = np.concatenate([a, b])
     return float(np.abs(np.searchsorted(np.sort(a), grid, "right") / len(a)

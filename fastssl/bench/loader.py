@@ -11,6 +11,7 @@ figure that sizes the CPU cores a GPU needs.
 from __future__ import annotations
 
 import gc
+import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -101,7 +102,7 @@ class Inputs:
 
             out = Path(self.tmp_dir) / "bench.beton"
             note(f"converting {self.data} to {out} for ffcv (JPEG quality 90; pass --beton to reuse one)")
-            convert_image_folder(self.data, out, workers=2)
+            convert_image_folder(self.data, out, workers=min(16, os.cpu_count() or 1))
             self.beton = str(out)
             return self.beton
         return self.data
