@@ -1,9 +1,10 @@
 """Optimisers: LARS (SimCLR, MoCo v3 ResNet), LAMB, AdamW (MoCo v3 ViT), SGD (MoCo v1/v2).
 
-LARS, LAMB and AdamW neither decay nor LARS/LAMB-adapt biases and normalisation parameters (SimCLR appendix B.1;
-MoCo v3's `exclude_bias_and_norm`): the 1-D parameters go in a group with weight_decay 0 and `adapt` False.
-SGD follows MoCo v1/v2 (He et al. 2020 sec. 4.1 and the moco reference code): torch's SGD with momentum and the
-weight decay on every trainable parameter, biases and BN included.
+LARS and LAMB neither decay nor adapt biases and normalisation parameters (SimCLR appendix B.1; MoCo v3's
+LARS skips every 1-D parameter): those go in a group with weight_decay 0 and `adapt` False.
+AdamW and SGD put the weight decay on every trainable parameter, biases and norms included, as their
+references do: MoCo v3 (moco-v3 main_moco.py builds AdamW over model.parameters()) and Lee et al.'s small-data
+ViTs for AdamW; MoCo v1/v2 (He et al. 2020 sec. 4.1 and the moco reference code) for momentum SGD.
 """
 
 from __future__ import annotations
@@ -97,16 +98,14 @@ class LAMB(torch.optim.Optimizer):
 
 
 def build_optimizer(optim_cfg, module: nn.Module, lr: float) -> torch.optim.Optimizer:
+    trainable = [p for p in module.parameters() if p.requires_grad]  # not momentum encoders, frozen projections
     if optim_cfg.name == "sgd":
-        trainable = [p for p in module.parameters() if p.requires_grad]
         return torch.optim.SGD(trainable, lr=lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
+    if optim_cfg.name == "adamw":
+        return torch.optim.AdamW(trainable, lr=lr, betas=optim_cfg.betas, weight_decay=optim_cfg.weight_decay)
     groups = param_groups(module, optim_cfg.weight_decay)
     if optim_cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=optim_cfg.momentum, trust_coefficient=optim_cfg.trust_coefficient)
     if optim_cfg.name == "lamb":
         return LAMB(groups, lr=lr, betas=optim_cfg.betas)
-    if optim_cfg.name == "adamw":
-        for g in groups:
-            g.pop("adapt")
-        return torch.optim.AdamW(groups, lr=lr, betas=optim_cfg.betas)
     raise UserError(f"unknown optimiser optim.name={optim_cfg.name!r}; valid: {', '.join(OPTIMIZERS)}")
