@@ -52,7 +52,8 @@ class ModelConfig:
     frozen_patch_embed: bool = False  # random patch projection, never trained (MoCo v3 sec. 5)
     stem: str = "patch"  # patch | conv (Xiao et al. 2021, ViT_C: conv stem, one block fewer)
     spt_lsa: bool = False  # shifted patch tokens + locality self-attention (Lee et al. 2021)
-    drop_path: float = 0.0  # stochastic depth rate of the ViT blocks
+    drop_path: float = 0.0  # stochastic depth rate of the ViT blocks (timm: rising linearly to it over depth)
+    init: str = "timm"  # timm (trunc-normal 0.02) | moco (MoCo v3 vits.py: xavier Linears, qkv per q/k/v)
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,14 @@ class MethodConfig:
     proj_hidden: int = 2048
     proj_dim: int = 128
     proj_last_bn: bool = True
+    proj_hidden_bn: bool = True  # BN after each hidden Linear; MoCo v2's head has none (Linear+bias, ReLU)
     # MoCo (fastssl/methods/mocov2.py, mocov3.py)
     momentum: float = 0.99  # key-encoder EMA; v2 keeps it fixed, v3 raises it to 1 on a cosine
     queue_size: int = 65536  # MoCo v2's negatives; a multiple of data.batch_size (MoCo v3 has no queue)
     shuffle_bn_splits: int = 8  # key-encoder BN groups over the global batch (MoCo: 8 GPUs)
     pred_layers: int = 0  # MoCo v3's predictor (2); 0 = none
     pred_hidden: int = 4096
+    pred_last_bn: bool = False  # MoCo v3: the ViT predictor ends in BN (no affine), the ResNet one does not
     # dense relative localisation (fastssl/methods/drloc.py), auxiliary loss for ViTs; 0 = off
     drloc_weight: float = 0.0
     drloc_pairs: int = 64  # sampled token pairs per image
@@ -79,7 +82,7 @@ class MethodConfig:
 class OptimConfig:
     name: str = "lars"  # lars | adamw | lamb
     lr: float = 0.3  # base learning rate for a batch of 256; scaled by lr_scaling
-    lr_scaling: str = "linear"  # linear (lr x batch/256) | sqrt | none
+    lr_scaling: str = "linear"  # linear (lr x batch/256) | sqrt (lr x sqrt(batch/256); SimCLR's 0.075 -> 1.2) | none
     weight_decay: float = 1e-6
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)

@@ -116,6 +116,34 @@ def test_training_steps_fill_the_queue_fifo_and_move_the_key_encoder_by_ema():
     assert not torch.equal(method.key_encoder.conv1.weight, method.encoder.conv1.weight)
 
 
+def test_a_step_of_accumulated_micro_batches_enqueues_every_micro_batchs_keys():
+    # train.grad_accum=2 (allowed explicitly): the step's two forwards are one global batch, whose 8 keys
+    # must all join the queue (MoCo enqueues the whole batch), in micro-batch order; an eval-mode forward
+    # enqueues nothing.
+    torch.manual_seed(0)
+    method = build_method(_cfg())
+    g = torch.Generator().manual_seed(5)
+    keys = []
+    for _ in range(2):
+        method(_batch(g))
+        keys.append(method._pending_keys[-4:].clone())
+    method.eval()
+    method(_batch(g))
+    method.train()
+    before = method.queue.ordered().clone()
+    method.after_step(0, 1)
+    assert int(method.queue.ptr) == 8
+    expect = torch.cat([before[8:], torch.nn.functional.normalize(torch.cat(keys), dim=1)])
+    torch.testing.assert_close(method.queue.ordered(), expect, rtol=1e-6, atol=1e-6)
+
+
+def test_head_without_bn_is_the_reference_mlp():
+    # moco builder.py (mlp=True): Sequential(Linear(d, d), ReLU, fc) -- biases, no BN (the ImageNet recipe).
+    head = build_method(_cfg(proj_hidden_bn=False, proj_last_bn=False)).projector
+    assert [type(m).__name__ for m in head] == ["Linear", "ReLU", "Linear"]
+    assert all(m.bias is not None for m in head if isinstance(m, torch.nn.Linear))
+
+
 def test_loss_uses_the_queue_as_negatives_and_the_key_of_the_same_image_as_positive():
     torch.manual_seed(0)
     method = build_method(_cfg())

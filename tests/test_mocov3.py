@@ -64,8 +64,15 @@ def test_heads_follow_the_paper_and_there_is_no_queue():
     assert not any("queue" in name for name, _ in method.named_buffers())
     last = method.projector[-1]
     assert isinstance(last, nn.BatchNorm1d) and not last.affine  # MoCo v3 sec. 4: last BN without affine
-    assert isinstance(method.predictor[-1], nn.Linear)
+    assert isinstance(method.predictor[-1], nn.Linear)  # MoCo_ResNet: the predictor ends in a Linear
     assert sum(isinstance(m, nn.Linear) for m in method.predictor) == 2
+    # moco-v3 builder.py `_build_mlp`: no Linear of either head has a bias, the last predictor one included.
+    assert all(m.bias is None for head in (method.projector, method.predictor) for m in head
+               if isinstance(m, nn.Linear))
+    # MoCo_ViT: the predictor ends in BN without affine (method.pred_last_bn, set by the ViT recipes).
+    vit = build_method(_cfg("vit_pico", pred_last_bn=True))
+    assert [type(m).__name__ for m in vit.predictor] == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert not vit.predictor[-1].affine
     assert not any(p.requires_grad for p in method.key_encoder.parameters())
     assert not any(p.requires_grad for p in method.key_projector.parameters())
     assert build_method(_cfg(pred_layers=0)).predictor.__class__ is nn.Identity

@@ -48,8 +48,10 @@ class DenseRelativeLoc(nn.Module):
     def __init__(self, dim: int, pairs: int = 64, hidden: int = 512):
         super().__init__()
         self.pairs = pairs
-        # Sec. 4: a small MLP on the concatenated pair of embeddings, two outputs (row and column offset).
-        self.mlp = build_mlp(3, 2 * dim, hidden, 2, last_bn=False)
+        # Sec. 4: a small MLP on the concatenated pair of embeddings, two outputs (row and column offset);
+        # Linear(+bias)-ReLU layers without BN as the authors' aux_modules.py (BN would couple the pairs of a
+        # batch, and become a SyncBN all-reduce under MoCo v3's global BN).
+        self.mlp = build_mlp(3, 2 * dim, hidden, 2, last_bn=False, hidden_bn=False)
 
     def forward(self, grid: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         b, rows, cols, d = grid.shape

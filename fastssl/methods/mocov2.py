@@ -35,14 +35,16 @@ class MoCoV2(Method):
         self.shuffle_bn_splits = m.shuffle_bn_splits
         self.drloc_weight = m.drloc_weight
         self.encoder = create_encoder(cfg.model, cfg.data.image_size)
-        # MoCo v2 sec. 2: a 2-layer MLP head (hidden 2048, ReLU) replaces v1's linear fc; 128-d output.
+        # MoCo v2 sec. 2: a 2-layer MLP head (hidden 2048, ReLU) replaces v1's linear fc; 128-d output. The
+        # reference's head is Linear(+bias)-ReLU-Linear(+bias), no BN: method.proj_hidden_bn=false,
+        # proj_last_bn=false (the ImageNet recipe).
         self.projector = build_mlp(m.proj_layers, self.encoder.num_features, m.proj_hidden, m.proj_dim,
-                                   last_bn=m.proj_last_bn)
+                                   last_bn=m.proj_last_bn, hidden_bn=m.proj_hidden_bn)
         self.key_encoder = momentum_copy(self.encoder)
         self.key_projector = momentum_copy(self.projector)
         self.queue = FeatureQueue(m.queue_size, m.proj_dim)
         self.drloc = DenseRelativeLoc(self.encoder.num_features, m.drloc_pairs) if m.drloc_weight > 0 else None
-        self._pending_keys: torch.Tensor | None = None  # this step's keys, enqueued by after_step
+        self._pending_keys: torch.Tensor | None = None  # this step's keys (every micro-batch), for after_step
 
     def _key(self, x: torch.Tensor) -> torch.Tensor:
         return self.key_projector(self.key_encoder(x))
@@ -64,8 +66,12 @@ class MoCoV2(Method):
         if aux is not None:
             logs["drloc"] = aux.detach()
             loss = loss + self.drloc_weight * aux
-        # A side effect deferred to after_step, which the loop calls right after the optimiser step.
-        self._pending_keys = k.detach()
+        # A side effect deferred to after_step, which the loop calls right after the optimiser step. With
+        # gradient accumulation a step runs several micro-batches: all their keys join the queue. An
+        # eval-mode forward enqueues nothing.
+        if self.training:
+            k = k.detach()
+            self._pending_keys = k if self._pending_keys is None else torch.cat([self._pending_keys, k])
         return LossOutput(loss, logs)
 
     @torch.no_grad()

@@ -35,12 +35,13 @@ class MoCoV3(Method):
         self.current_momentum = m.momentum
         self.drloc_weight = m.drloc_weight
         self.encoder = create_encoder(cfg.model, cfg.data.image_size)
-        # Sec. 4 / main_moco.py `_build_mlp`: BN after every Linear of both heads, the projector's last BN
-        # without affine (SimCLR's choice), the predictor ending in a plain Linear. Hidden 4096, out 256.
+        # Sec. 4 / moco-v3 builder.py `_build_mlp`: no Linear has a bias, BN after every hidden Linear, the
+        # projector's last BN without affine; the predictor ends in such a BN for ViTs (MoCo_ViT) and in the
+        # plain Linear for ResNets (MoCo_ResNet): method.pred_last_bn. Hidden 4096, out 256.
         self.projector = build_mlp(m.proj_layers, self.encoder.num_features, m.proj_hidden, m.proj_dim,
-                                   last_bn=m.proj_last_bn)
-        self.predictor = (build_mlp(m.pred_layers, m.proj_dim, m.pred_hidden, m.proj_dim, last_bn=False)
-                          if m.pred_layers else nn.Identity())
+                                   last_bn=m.proj_last_bn, hidden_bn=m.proj_hidden_bn, last_bias=False)
+        self.predictor = (build_mlp(m.pred_layers, m.proj_dim, m.pred_hidden, m.proj_dim, last_bn=m.pred_last_bn,
+                                    last_bias=False) if m.pred_layers else nn.Identity())
         self.drloc = DenseRelativeLoc(self.encoder.num_features, m.drloc_pairs) if m.drloc_weight > 0 else None
         self.key_encoder = momentum_copy(self.encoder)
         self.key_projector = momentum_copy(self.projector)

@@ -22,8 +22,10 @@ class SimCLR(Method):
         self.encoder = create_encoder(cfg.model, cfg.data.image_size)
         # Sec. 2.1 / SimCLR v2: an MLP projection head g(.) whose output the loss sees; the encoder's
         # features h are what is evaluated.
+        # SimCLR v2's head (model_util.py) ends in a BN with a scale and no shift; fastssl's last BN has
+        # neither (MoCo v3's choice, build_mlp's default).
         self.projector = build_mlp(m.proj_layers, self.encoder.num_features, m.proj_hidden, m.proj_dim,
-                                   last_bn=m.proj_last_bn)
+                                   last_bn=m.proj_last_bn, hidden_bn=m.proj_hidden_bn)
 
     def forward(self, batch: ViewBatch) -> LossOutput:
         # Both views through the encoder as one batch: one launch per layer, and BN statistics over the 2N
