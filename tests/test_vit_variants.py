@@ -141,20 +141,29 @@ def test_shifted_patch_tokens_see_the_diagonal_neighbours():
 
 def test_locality_self_attention_masks_the_diagonal_and_learns_its_temperature():
     torch.manual_seed(0)
-    attn = LocalitySelfAttention(24, num_heads=3, qkv_bias=True)
-    assert math.isclose(attn.log_scale.exp().item(), 8 ** -0.5, rel_tol=1e-6)  # tau = sqrt(d_head) at init
+    attn = LocalitySelfAttention(24, num_heads=3)
+    assert attn.qkv.bias is None  # the authors' to_qkv has no bias
+    torch.testing.assert_close(attn.scale.detach(), torch.full((3,), 8 ** -0.5))  # tau = sqrt(d_head) at init
+    with torch.no_grad():
+        attn.scale.copy_(torch.tensor([0.2, 0.5, 1.5]))  # one temperature per head (the authors' code)
     x = torch.randn(2, 5, 24)
     probs = attn.attention_probs(x)
-    assert probs.shape == (2, 3, 5, 5)
     assert torch.all(torch.diagonal(probs, dim1=-2, dim2=-1) == 0)
-    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 3, 5))
-    # The fused path equals the explicit one: softmax(mask(q k^T / tau)) v, then the projection.
-    _, _, v = attn._qkv(x)
-    expect = attn.proj((probs @ v).transpose(1, 2).reshape(2, 5, 24))
+    # Oracle in float64 numpy from the layer's weights: per head h, softmax over j != i of s_h q_i . k_j.
+    xd = x.double().numpy()
+    qkv = xd @ attn.qkv.weight.detach().double().numpy().T
+    q, k, v = (qkv[..., i * 24:(i + 1) * 24].reshape(2, 5, 3, 8).transpose(0, 2, 1, 3) for i in range(3))
+    logits = np.einsum("bhid,bhjd->bhij", q, k) * np.array([0.2, 0.5, 1.5]).reshape(1, 3, 1, 1)
+    logits[:, :, np.arange(5), np.arange(5)] = -np.inf
+    ref = np.exp(logits - logits.max(-1, keepdims=True))
+    ref /= ref.sum(-1, keepdims=True)
+    np.testing.assert_allclose(probs.detach().double().numpy(), ref, rtol=1e-5, atol=1e-6)
+    heads = np.einsum("bhij,bhjd->bhid", ref, v).transpose(0, 2, 1, 3).reshape(2, 5, 24)
+    expect = heads @ attn.proj.weight.detach().double().numpy().T + attn.proj.bias.detach().double().numpy()
     out = attn(x)
-    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.detach().double().numpy(), expect, rtol=1e-4, atol=1e-5)
     out.sum().backward()
-    assert attn.log_scale.grad is not None and attn.log_scale.grad != 0
+    assert attn.scale.grad is not None and torch.all(attn.scale.grad != 0)
 
 
 def test_spt_lsa_flag_uses_both_modules():
@@ -191,3 +200,34 @@ def test_every_method_rejects_vit_options_on_a_resnet(method):
     cfg = load_config(None, [f"method.name={method}", "model.encoder=resnet18", "model.frozen_patch_embed=true"])
     with pytest.raises(UserError, match="model.frozen_patch_embed=True is a ViT option"):
         build_method(cfg)
+
+
+def test_moco_init_is_moco_v3s_uniform_xavier_with_qkv_as_three_matrices():
+    # moco-v3 vits.py: every Linear xavier-uniform, qkv treated as three (d -> d) matrices, biases zero, the
+    # patch projection xavier on its flattened (3 p^2 -> d) matrix. Oracle: the uniform bound b of each
+    # (all |w| <= b, std = b / sqrt(3) within sampling error), against timm's trunc-normal(0.02).
+    torch.manual_seed(0)
+    d = ARCHS["vit_small"].width
+    enc = create_encoder(ModelConfig(encoder="vit_small", init="moco", pos_embed="sincos"), 64)
+    blk = enc.blocks[0]
+    proj = enc.patch_embed.proj
+    for w, bound in ((blk.attn.qkv.weight, math.sqrt(6.0 / (d + d))),  # fan (3d / 3) + d
+                     (blk.mlp.fc1.weight, math.sqrt(6.0 / (d + 4 * d))),
+                     (blk.attn.proj.weight, math.sqrt(6.0 / (2 * d))),
+                     (proj.weight, math.sqrt(6.0 / (proj.weight[0].numel() + d)))):
+        w = w.detach().double()
+        assert w.abs().max() <= bound
+        assert abs(w.std().item() - bound / math.sqrt(3)) < 5 * bound / math.sqrt(3) / math.sqrt(2 * w.numel())
+    assert all(torch.all(b == 0) for b in (blk.attn.qkv.bias, blk.mlp.fc1.bias, proj.bias))
+    assert proj.weight.requires_grad  # initialised as MoCo v3 does, frozen only with frozen_patch_embed
+    timm = create_encoder(ModelConfig(encoder="vit_small"), 64).blocks[0].attn.qkv.weight
+    assert abs(timm.std().item() - 0.02) < 1e-3
+
+
+def test_unknown_init_is_a_config_error():
+    from fastssl.errors import UserError
+
+    with pytest.raises(UserError, match="unknown model.init 'xavier'; valid: timm, moco"):
+        check_model_config(ModelConfig(encoder="vit_small", init="xavier"))
+    with pytest.raises(UserError, match="model.init='moco' is a ViT option"):
+        check_model_config(ModelConfig(encoder="resnet18", init="moco"))

@@ -6,6 +6,9 @@ Recipe flags (ModelConfig) switch on the variants that make ViTs train stably or
   frozen_patch_embed: true random patch projection that is never trained (MoCo v3 sec. 5)
   stem: conv               convolutional stem, one block fewer (Xiao et al. 2021, ViT_C)
   spt_lsa: true            shifted patch tokens + locality self-attention (Lee et al. 2021)
+  init: moco               MoCo v3's initialisation (vits.py): xavier-uniform Linears, qkv as three separate
+                           matrices, zero biases, xavier patch projection (timm's weight_init="moco" + the
+                           projection, which timm leaves out); default "timm", trunc-normal(0.02)
 """
 
 from __future__ import annotations
@@ -45,8 +48,9 @@ ARCHS: dict[str, ViTArch] = {
     "vit_pico": ViTArch(96, 4, 3, patch=8, mlp_ratio=2.0),
 }
 
-VIT_FLAGS = ("patch_size", "pos_embed", "frozen_patch_embed", "stem", "spt_lsa", "drop_path")
+VIT_FLAGS = ("patch_size", "pos_embed", "frozen_patch_embed", "stem", "spt_lsa", "drop_path", "init")
 POS_EMBEDS = ("learned", "sincos")
+INITS = ("timm", "moco")
 STEMS = ("patch", "conv")
 
 
@@ -75,6 +79,8 @@ def check_model_config(model_cfg) -> None:
         return
     if model_cfg.pos_embed not in POS_EMBEDS:
         raise UserError(f"unknown model.pos_embed {model_cfg.pos_embed!r}; valid: {', '.join(POS_EMBEDS)}")
+    if model_cfg.init not in INITS:
+        raise UserError(f"unknown model.init {model_cfg.init!r}; valid: {', '.join(INITS)}")
     if model_cfg.stem not in STEMS:
         raise UserError(f"unknown model.stem {model_cfg.stem!r}; valid: {', '.join(STEMS)}")
     if model_cfg.patch_size < 0:
@@ -89,16 +95,21 @@ def check_model_config(model_cfg) -> None:
                         f"spt_lsa={model_cfg.spt_lsa}")
 
 
-def _freeze_patch_projection(model: VisionTransformer) -> None:
-    # MoCo v3 sec. 5 / vits.py: a random patch projection (Xavier-uniform on the flattened 3*p*p -> d
-    # matrix), then stop-gradient; it removes the training instability that shows up as loss dips.
+def _xavier_patch_projection(model: VisionTransformer) -> None:
+    # MoCo v3 vits.py: Xavier-uniform on the flattened 3*p*p -> d matrix of the patchify convolution.
     proj = model.patch_embed.proj
     fan_in = proj.weight[0].numel()
     bound = math.sqrt(6.0 / float(fan_in + proj.weight.shape[0]))
     with torch.no_grad():
         nn.init.uniform_(proj.weight, -bound, bound)
         nn.init.zeros_(proj.bias)
-    proj.requires_grad_(False)
+
+
+def _freeze_patch_projection(model: VisionTransformer) -> None:
+    # MoCo v3 sec. 5: a random patch projection, then stop-gradient; it removes the training instability
+    # that shows up as loss dips.
+    _xavier_patch_projection(model)
+    model.patch_embed.proj.requires_grad_(False)
 
 
 def build_vit(name: str, model_cfg, image_size: int) -> VisionTransformer:
@@ -119,7 +130,10 @@ def build_vit(name: str, model_cfg, image_size: int) -> VisionTransformer:
     if model_cfg.spt_lsa:
         if patch < 2:
             raise UserError(f"model.spt_lsa=true shifts by half a patch; it needs a patch size >= 2, got {patch}")
-        kwargs.update(embed_layer=ShiftedPatchTokenization, attn_layer=LocalitySelfAttention)
+        # The authors' attention has no qkv bias (their to_qkv); timm's blocks would pass qkv_bias=True.
+        kwargs.update(embed_layer=ShiftedPatchTokenization, attn_layer=LocalitySelfAttention, qkv_bias=False)
+    if model_cfg.init == "moco":
+        kwargs["weight_init"] = "moco"
     if model_cfg.pos_embed == "sincos" and arch.width % 4:
         raise UserError(f"model.pos_embed=sincos needs a width divisible by 4; {name} has {arch.width}")
     model = VisionTransformer(img_size=image_size, patch_size=patch, embed_dim=arch.width, depth=depth,
@@ -131,6 +145,8 @@ def build_vit(name: str, model_cfg, image_size: int) -> VisionTransformer:
         model.pos_embed = nn.Parameter(table[None], requires_grad=False)
     if model_cfg.frozen_patch_embed:
         _freeze_patch_projection(model)
+    elif model_cfg.init == "moco" and model_cfg.stem == "patch" and not model_cfg.spt_lsa:
+        _xavier_patch_projection(model)
     return model
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,8 +13,9 @@ class LocalitySelfAttention(nn.Module):
     Why: with few images, attention scores come out smooth (every token attends almost uniformly, and most
     strongly to itself). Masking each token's similarity with itself and learning the softmax temperature
     (initialised at sqrt(d_head), the usual scale) sharpens attention towards other, informative tokens.
-    The temperature is stored as log(1/tau) so it stays positive. Same constructor as timm's Attention, so
-    it is a drop-in `attn_layer`.
+    As the authors' code (SPT_LSA_ViT models/vit.py): one learnable scale 1/tau per head, the raw parameter
+    (its gradient and weight decay act on 1/tau itself), and no qkv bias (build_vit passes qkv_bias=False).
+    Same constructor as timm's Attention, so it is a drop-in `attn_layer`.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, proj_bias: bool = True,
@@ -27,7 +26,7 @@ class LocalitySelfAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(self.head_dim ** -0.5)))
+        self.scale = nn.Parameter(torch.full((num_heads,), self.head_dim ** -0.5))
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -35,7 +34,7 @@ class LocalitySelfAttention(nn.Module):
     def _qkv(self, x: torch.Tensor):
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return q * self.log_scale.exp(), k, v
+        return q * self.scale.view(1, -1, 1, 1), k, v
 
     @staticmethod
     def _mask(n: int, device, attn_mask: torch.Tensor | None) -> torch.Tensor:
