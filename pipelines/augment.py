@@ -8,9 +8,11 @@ Semantics (what every backend must reproduce; they are torchvision's, applied pe
 3. With probability `jitter_p`: brightness, contrast, saturation and hue jitter applied in a random
    order drawn per sample; factors ~ U[max(0, 1 - s), 1 + s] for the first three, hue shift
    ~ U[-hue, hue] (fraction of a turn). Contrast blends with the mean of the grayscale image.
-4. Grayscale (ITU-R 601-2 luma, 3 equal channels) with probability `gray_p`.
-5. Gaussian blur with probability `blur_p`, sigma ~ U(blur_sigma) in output pixels, kernel side
-   `odd(round(blur_kernel_frac * size))` (SimCLR appendix A: 10% of the image side), reflect padding.
+4. Grayscale (ITU-R 601-2 luma, 3 equal channels) with probability `gray_p`; with `gray_first`, this step
+   comes before step 3 (MoCo v1's main_moco.py: RandomGrayscale, then ColorJitter).
+5. Gaussian blur with probability `blur_p`, sigma ~ U(blur_sigma) in output pixels, reflect padding, kernel
+   side 2 * (floor(blur_kernel_frac * size) // 2) + 1, at least 3: SimCLR's 10% of the image side as its
+   data_util.py rounds it (height // 10, then radius = k // 2, side 2 * radius + 1; 23 at 224 px).
 6. Solarisation (x -> 1 - x where x >= threshold, on [0, 1] values) with probability `solarize_p`.
 7. Normalise with `mean` / `std` (on [0, 1] values), channels RGB, output float NCHW.
 """
@@ -36,6 +38,7 @@ class ViewSpec:
     saturation: float = 0.4
     hue: float = 0.1
     gray_p: float = 0.2
+    gray_first: bool = False  # grayscale before colour jitter (MoCo v1's order)
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_kernel_frac: float = 0.1
@@ -43,8 +46,7 @@ class ViewSpec:
     solarize_threshold: float = 0.5
 
     def blur_kernel_size(self, size: int) -> int:
-        k = max(3, int(round(self.blur_kernel_frac * size)))
-        return k if k % 2 == 1 else k + 1
+        return max(3, 2 * (int(self.blur_kernel_frac * size) // 2) + 1)
 
 
 @dataclass(frozen=True)
@@ -63,9 +65,9 @@ def _simclr(size: int) -> AugmentSpec:
 
 
 def _mocov1(size: int) -> AugmentSpec:
-    # MoCo v1 (He et al. 2020) main_moco.py: crop (0.2, 1), grayscale 0.2, jitter 0.4 always, no blur.
+    # MoCo v1 (He et al. 2020) main_moco.py: crop (0.2, 1), grayscale 0.2 *then* jitter 0.4 always, no blur.
     v = ViewSpec(crop_scale=(0.2, 1.0), jitter_p=1.0, brightness=0.4, contrast=0.4, saturation=0.4,
-                 hue=0.4, blur_p=0.0)
+                 hue=0.4, gray_first=True, blur_p=0.0)
     return AugmentSpec(size, (v, v))
 
 

@@ -18,9 +18,10 @@ Per view, with x in [0, 1] float HWC:
    at the positions where a sample has it, as `ops.adjust_hue`'s closed form
    (max - (max - min) * clamp(min(k, 4 - k), 0, 1)). Composing the four ops as one colour matrix would not
    be exact: each op clamps to [0, 1], contrast uses the mean of the *current* image, and hue is not linear.
-3. grayscale and 5. solarise: arithmetic masks (x (1 - m) + y m with m in {0, 1} is exact and cheaper
-   than splitting the batch); 4. blur: a conditional, so unblurred samples skip the convolution
-   (`fn.gaussian_blur` samples torchvision's kernel and mirrors at borders as its reflect padding).
+3. grayscale (before 2. with `gray_first`) and 5. solarise: arithmetic masks (x (1 - m) + y m with m in
+   {0, 1} is exact and cheaper than splitting the batch); 4. blur: a conditional, so unblurred samples skip
+   the convolution (`fn.gaussian_blur` samples torchvision's kernel and mirrors at borders as its reflect
+   padding).
 6. normalise to NCHW with `fn.crop_mirror_normalize`.
 A step whose probability is 0 is left out of the graph; one whose probability is 1 needs no branch.
 """
@@ -125,11 +126,12 @@ def _view(image, p, view: ViewSpec, size: int, mean, std):
     x = fn.resize(image, roi_start=p[0:2], roi_end=p[2:4], roi_relative=False, size=[size, size],
                   interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
     x = x * (1.0 / 255.0)
+    if view.gray_p > 0 and view.gray_first:
+        x = x * (1.0 - p[GRAY]) + _gray(x) * p[GRAY]
     if view.jitter_p > 0 and max(view.brightness, view.contrast, view.saturation, view.hue) > 0:
         x = _color_jitter(x, p, view)
-    if view.gray_p > 0:
-        m = p[GRAY]
-        x = x * (1.0 - m) + _gray(x) * m
+    if view.gray_p > 0 and not view.gray_first:
+        x = x * (1.0 - p[GRAY]) + _gray(x) * p[GRAY]
     if view.blur_p > 0:
         k = view.blur_kernel_size(size)
         if view.blur_p >= 1:

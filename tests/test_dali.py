@@ -122,7 +122,8 @@ def test_full_image_views_equal_the_torch_backend(colour_root):
 
     v1 = ViewSpec(jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2, gray_p=0.3, blur_p=0.5,
                   solarize_p=0.3, **FULL)
-    spec = AugmentSpec(S, (v1, dataclasses.replace(v1, blur_p=0.2, solarize_p=0.5)))
+    # The second view greys before jittering (MoCo v1's order), so both orders are compared.
+    spec = AugmentSpec(S, (v1, dataclasses.replace(v1, blur_p=0.2, solarize_p=0.5, gray_first=True)))
     dali = _loader(colour_root, spec, seed=5)
     ref = build_torch(DataConfig(path=str(colour_root), device="cpu", image_size=S, batch_size=16, workers=0),
                       spec, LoaderContext(torch.device("cpu"), seed=5))

@@ -137,6 +137,31 @@ def test_color_jitter_applies_each_samples_order_like_torchvision():
     assert 0 < int(p.jitter.sum()) < n
 
 
+def test_gray_first_greys_before_the_jitter_like_moco_v1s_transforms():
+    # MoCo v1's main_moco.py: RandomGrayscale(p=0.2), then ColorJitter(0.4, 0.4, 0.4, 0.4). Oracle:
+    # torchvision's functional ops in that order with this sample's draws, on the whole (square) image.
+    n = 24
+    images = (_images(n)[:, :, :17, :17] * 255).round().to(torch.uint8)
+    view = ViewSpec(jitter_p=1.0, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4, gray_p=0.5,
+                    gray_first=True, flip_p=0.0, blur_p=0.0, solarize_p=0.0)
+    p = ops.sample_view_params(n, view, torch.Generator().manual_seed(7))
+    fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    refs = []
+    for i in range(n):
+        y = images[i].float() / 255
+        y = TF.rgb_to_grayscale(y, num_output_channels=3) if p.gray[i] else y
+        for op in p.order[i].tolist():
+            y = fns[op](y, float(p.factors[i, op]))
+        refs.append(y)
+    boxes = torch.tensor([[0, 0, 17, 17]] * n)
+    out = ops.apply_view(images, boxes, p, view, 17, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    torch.testing.assert_close(out, torch.stack(refs), rtol=0, atol=2e-3)
+    grey = p.gray.bool()
+    assert 0 < int(grey.sum()) < n
+    # A grey image stays grey through saturation and hue: all channels equal, unlike jitter-then-grey.
+    torch.testing.assert_close(out[grey][:, 0], out[grey][:, 2], rtol=0, atol=1e-5)
+
+
 def test_view_params_ranges_and_rates():
     n = 20000
     view = ViewSpec(brightness=0.8, contrast=0.3, saturation=1.5, hue=0.2, flip_p=0.5, jitter_p=0.8,
@@ -273,3 +298,12 @@ def test_accelerator_path_gives_the_cpu_paths_values(monkeypatch):
     monkeypatch.setattr(ops, "where_sampled", ops.where_sampled_dense)
     dense = ops.make_view(imgs, boxes, view, 16, (0.5,) * 3, (0.25,) * 3, torch.Generator().manual_seed(1))
     torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("size, side", [(32, 3), (64, 7), (96, 9), (176, 17), (224, 23), (256, 25)])
+def test_blur_kernel_side_is_simclrs(size, side):
+    # google-research/simclr data_util.py: kernel_size = height // 10; radius = kernel_size // 2;
+    # side = 2 * radius + 1 -- written out here per size from that rule, not from fastssl's formula.
+    from pipelines.augment import ViewSpec
+
+    assert ViewSpec().blur_kernel_size(size) == side

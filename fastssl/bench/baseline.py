@@ -31,11 +31,14 @@ def view_transform(view: ViewSpec, size: int, mean, std):
     steps = [T.RandomResizedCrop(size, scale=view.crop_scale, ratio=view.crop_ratio, antialias=True)]
     if view.flip_p > 0:
         steps.append(T.RandomHorizontalFlip(view.flip_p))
+    gray = [T.RandomGrayscale(view.gray_p)] if view.gray_p > 0 else []
+    if view.gray_first:
+        steps += gray
     if view.jitter_p > 0:
         steps.append(T.RandomApply([T.ColorJitter(view.brightness, view.contrast, view.saturation, view.hue)],
                                    p=view.jitter_p))
-    if view.gray_p > 0:
-        steps.append(T.RandomGrayscale(view.gray_p))
+    if not view.gray_first:
+        steps += gray
     if view.blur_p > 0:
         steps.append(T.RandomApply([T.GaussianBlur(view.blur_kernel_size(size), view.blur_sigma)], p=view.blur_p))
     if view.solarize_p > 0:  # on uint8 PIL pixels, as MoCo v3's ImageOps.solarize(img, 128)
