@@ -13,7 +13,9 @@ SCALINGS = ("linear", "sqrt", "none")
 
 
 def scaled_lr(base_lr: float, global_batch: int, scaling: str) -> float:
-    # SimCLR sec. B.1 / Goyal et al. 2017: lr = base_lr x batch / 256 ("linear"); SimCLR also uses sqrt.
+    # SimCLR sec. B.1 / Goyal et al. 2017: lr = base_lr x batch / 256 ("linear"). "sqrt" keeps the same
+    # batch-256 base: base_lr x sqrt(batch / 256). SimCLR writes its square-root rule per image instead,
+    # 0.075 x sqrt(batch): that is base_lr = 0.075 x 16 = 1.2 here, not 0.075.
     if scaling == "linear":
         return base_lr * global_batch / 256
     if scaling == "sqrt":
