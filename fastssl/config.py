@@ -44,6 +44,7 @@ class DataConfig:
 class ModelConfig:
     encoder: str = "resnet50"
     small_input: bool = False  # CIFAR-style ResNet stem (3x3 stride-1 conv, no max-pool) for <=64 px images
+    zero_init_residual: bool = True  # ResNets: last BN of each block at gamma 0 (false: MoCo v1/v2's torchvision)
     channels_last: bool = True
     compile: str = "auto"  # auto (on CUDA) | true | false
     # ViT options (fastssl/encoders/vit.py); setting one on a ResNet is an error at config time.

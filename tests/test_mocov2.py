@@ -193,3 +193,18 @@ def test_train_tool_reports_a_predictor_on_mocov2_before_reading_data(tmp_path):
     proc = run_tool("tools/train.py", "recipes/mocov2_resnet18_synthetic.yaml", f"output_dir={tmp_path / 'run'}",
                     f"data.path={tmp_path / 'does-not-exist'}", "method.pred_layers=2", "eval.knn_val_path=")
     assert_user_error(proc, "method.pred_layers=2", "MoCo v2 has no predictor")
+
+
+def test_resnet_residual_init_follows_the_method_reference():
+    # SimCLR / MoCo v3 zero-init each block's last BN (zero_init_residual); MoCo v1/v2's torchvision
+    # resnet50 keeps gamma 1 there -- the recipes say which. With gamma 0, a fresh block is the identity.
+    from conftest import ROOT
+    from fastssl.config import ModelConfig, load_config
+    from fastssl.encoders import create_encoder
+
+    zero = create_encoder(ModelConfig(encoder="resnet18", small_input=True), 16)
+    ones = create_encoder(ModelConfig(encoder="resnet18", small_input=True, zero_init_residual=False), 16)
+    assert torch.all(zero.layer1[0].bn2.weight == 0) and torch.all(ones.layer1[0].bn2.weight == 1)
+    for name in ("mocov1_resnet50_in1k", "mocov2_resnet50_in1k", "mocov1_resnet18_synthetic",
+                 "mocov2_resnet18_synthetic"):
+        assert load_config(ROOT / "recipes" / f"{name}.yaml", []).model.zero_init_residual is False, name

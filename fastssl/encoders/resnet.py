@@ -10,7 +10,10 @@ from fastssl.encoders import ENCODERS
 
 def _resnet(timm_name: str):
     def build(model_cfg, image_size: int) -> nn.Module:
-        model = timm.create_model(timm_name, pretrained=False, num_classes=0)
+        # zero_init_last: each residual branch's last BN starts at gamma 0 (SimCLR's and MoCo v3's
+        # zero_init_residual); MoCo v1/v2's torchvision ResNet does not (model.zero_init_residual=false).
+        model = timm.create_model(timm_name, pretrained=False, num_classes=0,
+                                  zero_init_last=model_cfg.zero_init_residual)
         if model_cfg.small_input:
             # CIFAR-style stem (SimCLR appendix B.9): on 32-64 px images the 7x7/2 conv and max-pool
             # would leave a 1-2 px feature map.
