@@ -231,3 +231,5 @@ def test_unknown_init_is_a_config_error():
         check_model_config(ModelConfig(encoder="vit_small", init="xavier"))
     with pytest.raises(UserError, match="model.init='moco' is a ViT option"):
         check_model_config(ModelConfig(encoder="resnet18", init="moco"))
+    with pytest.raises(UserError, match="model.zero_init_residual=False is a ResNet option"):
+        check_model_config(ModelConfig(encoder="vit_small", zero_init_residual=False))

@@ -49,6 +49,7 @@ ARCHS: dict[str, ViTArch] = {
 }
 
 VIT_FLAGS = ("patch_size", "pos_embed", "frozen_patch_embed", "stem", "spt_lsa", "drop_path", "init")
+RESNET_FLAGS = ("small_input", "zero_init_residual")  # meaningless on a ViT: an error there too
 POS_EMBEDS = ("learned", "sincos")
 INITS = ("timm", "moco")
 STEMS = ("patch", "conv")
@@ -58,10 +59,10 @@ def is_vit(encoder: str) -> bool:
     return encoder in ARCHS
 
 
-def _flag_defaults() -> dict:
+def _flag_defaults(names: tuple[str, ...] = VIT_FLAGS) -> dict:
     from fastssl.config import ModelConfig
 
-    return {f.name: f.default for f in fields(ModelConfig) if f.name in VIT_FLAGS}
+    return {f.name: f.default for f in fields(ModelConfig) if f.name in names}
 
 
 def check_model_config(model_cfg) -> None:
@@ -70,6 +71,7 @@ def check_model_config(model_cfg) -> None:
     if model_cfg.encoder not in names:
         ENCODERS.get(model_cfg.encoder)  # raises the one-line error that lists the registered names
     defaults = _flag_defaults()
+    resnet_defaults = _flag_defaults(RESNET_FLAGS)
     if not is_vit(model_cfg.encoder):
         for name, default in defaults.items():
             value = getattr(model_cfg, name)
@@ -77,6 +79,10 @@ def check_model_config(model_cfg) -> None:
                 raise UserError(f"model.{name}={value!r} is a ViT option but model.encoder="
                                 f"{model_cfg.encoder!r} is not a ViT; ViTs: {', '.join(sorted(ARCHS))}")
         return
+    for name in RESNET_FLAGS:
+        if getattr(model_cfg, name) != resnet_defaults[name]:
+            raise UserError(f"model.{name}={getattr(model_cfg, name)!r} is a ResNet option but model.encoder="
+                            f"{model_cfg.encoder!r} is a ViT")
     if model_cfg.pos_embed not in POS_EMBEDS:
         raise UserError(f"unknown model.pos_embed {model_cfg.pos_embed!r}; valid: {', '.join(POS_EMBEDS)}")
     if model_cfg.init not in INITS:
