@@ -59,7 +59,10 @@ class AugmentSpec:
 
 def _simclr(size: int) -> AugmentSpec:
     # SimCLR (Chen et al. 2020) appendix A: colour distortion strength s=1 -> (0.8s, 0.8s, 0.8s, 0.2s)
-    # applied with p 0.8, grayscale p 0.2, blur p 0.5 with sigma in [0.1, 2.0] and a 10% kernel.
+    # applied with p 0.8, grayscale p 0.2, blur p 0.5 with sigma in [0.1, 2.0] and a 10% kernel. The ops are
+    # torchvision's (contrast against the grey mean, saturation as a blend with grey), not SimCLR's TF ones.
+    # SimCLR blurred on ImageNet only (not on CIFAR); this preset blurs at every size, where at 32 px the
+    # 3-tap kernel truncates any sigma above ~0.8.
     v = ViewSpec(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2)
     return AugmentSpec(size, (v, v))
 

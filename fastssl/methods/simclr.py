@@ -1,4 +1,9 @@
-"""SimCLR (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual Representations")."""
+"""SimCLR (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual Representations").
+
+The loss is the paper's NT-Xent, the mean over the 2N views (sec. 2.1). The released code (objective.py)
+returns the sum of its two directions' means, twice this: against it, a learning rate here moves biases and
+BN parameters (not adapted by LARS) half as far, and weight decay weighs twice as much against the gradient.
+"""
 
 from __future__ import annotations
 
