@@ -97,29 +97,37 @@ def test_build_optimizer_leaves_frozen_params_untouched(name):
         assert all(g["weight_decay"] == 0.0 for g in opt.param_groups if any(p.ndim <= 1 for p in g["params"]))
 
 
+def _whole_model_against(m, opt, update, steps=4):
+    """Run `opt` on all of m's trainable parameters with seeded gradients; `update(i, p, g, t)` is the float64
+    reference step of parameter i (p its reference value), holding any state it needs itself."""
+    params = [p for p in m.parameters() if p.requires_grad]
+    ref = [p.detach().double().numpy().copy() for p in params]
+    for t in range(1, steps + 1):
+        gs = _grads(t, [p.shape for p in params])
+        for p, g in zip(params, gs):
+            p.grad = torch.tensor(g, dtype=p.dtype)
+        opt.step()
+        ref = [update(i, r, g, t) for i, (r, g) in enumerate(zip(ref, gs))]
+    for p, r in zip(params, ref):
+        np.testing.assert_allclose(p.detach().double().numpy(), r, rtol=1e-5, atol=1e-6)
+
+
 def test_adamw_decays_every_parameter_as_moco_v3_does():
     # moco-v3 main_moco.py: torch.optim.AdamW(model.parameters(), lr, weight_decay=wd) -- biases and norms
     # decayed too. Decoupled update (Loshchilov & Hutter): p <- p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps).
     m = _model()
     lr, wd, (b1, b2), eps = 0.01, 0.1, (0.9, 0.999), 1e-8
     opt = build_optimizer(OptimConfig(name="adamw", lr=lr, weight_decay=wd, betas=(b1, b2)), m, lr=lr)
-    params = [p for p in m.parameters() if p.requires_grad]
-    assert any(p.ndim <= 1 for p in params)
-    ref = [p.detach().double().numpy().copy() for p in params]
-    mom = [np.zeros_like(r) for r in ref]
-    var = [np.zeros_like(r) for r in ref]
-    for t in range(1, 5):
-        gs = _grads(t, [p.shape for p in params])
-        for p, g in zip(params, gs):
-            p.grad = torch.tensor(g, dtype=p.dtype)
-        opt.step()
-        for i, g in enumerate(gs):
-            mom[i] = b1 * mom[i] + (1 - b1) * g
-            var[i] = b2 * var[i] + (1 - b2) * g * g
-            m_hat, v_hat = mom[i] / (1 - b1 ** t), var[i] / (1 - b2 ** t)
-            ref[i] = ref[i] * (1 - lr * wd) - lr * m_hat / (np.sqrt(v_hat) + eps)
-    for p, r in zip(params, ref):
-        np.testing.assert_allclose(p.detach().double().numpy(), r, rtol=1e-5, atol=1e-6)
+    assert any(p.ndim <= 1 for p in m.parameters() if p.requires_grad)
+    mom, var = {}, {}
+
+    def update(i, p, g, t):
+        mom[i] = b1 * mom.get(i, 0.0) + (1 - b1) * g
+        var[i] = b2 * var.get(i, 0.0) + (1 - b2) * g * g
+        m_hat, v_hat = mom[i] / (1 - b1 ** t), var[i] / (1 - b2 ** t)
+        return p * (1 - lr * wd) - lr * m_hat / (np.sqrt(v_hat) + eps)
+
+    _whole_model_against(m, opt, update)
 
 
 def test_sgd_is_mocos_momentum_sgd_with_decay_on_every_parameter():
@@ -127,17 +135,11 @@ def test_sgd_is_mocos_momentum_sgd_with_decay_on_every_parameter():
     m = _model()
     lr, mu, wd = 0.05, 0.9, 1e-2
     opt = build_optimizer(OptimConfig(name="sgd", lr=lr, momentum=mu, weight_decay=wd), m, lr=lr)
-    params = [p for p in m.parameters() if p.requires_grad]
-    ref = [p.detach().double().numpy().copy() for p in params]
-    vel = [np.zeros_like(r) for r in ref]
-    for t in range(1, 5):
-        gs = _grads(t, [p.shape for p in params])
-        for p, g in zip(params, gs):
-            p.grad = torch.tensor(g, dtype=p.dtype)
-        opt.step()
-        for i, g in enumerate(gs):
-            d = g + wd * ref[i]
-            vel[i] = d if t == 1 else mu * vel[i] + d  # torch's first step seeds the buffer with d
-            ref[i] = ref[i] - lr * vel[i]
-    for p, r in zip(params, ref):
-        np.testing.assert_allclose(p.detach().double().numpy(), r, rtol=1e-5, atol=1e-6)
+    vel = {}
+
+    def update(i, p, g, t):
+        d = g + wd * p
+        vel[i] = d if t == 1 else mu * vel[i] + d  # torch's first step seeds the buffer with d
+        return p - lr * vel[i]
+
+    _whole_model_against(m, opt, update)
