@@ -126,12 +126,15 @@ def _view(image, p, view: ViewSpec, size: int, mean, std):
     x = fn.resize(image, roi_start=p[0:2], roi_end=p[2:4], roi_relative=False, size=[size, size],
                   interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
     x = x * (1.0 / 255.0)
-    if view.gray_p > 0 and view.gray_first:
-        x = x * (1.0 - p[GRAY]) + _gray(x) * p[GRAY]
+    def to_gray(y):
+        return y * (1.0 - p[GRAY]) + _gray(y) * p[GRAY] if view.gray_p > 0 else y
+
+    if view.gray_first:
+        x = to_gray(x)
     if view.jitter_p > 0 and max(view.brightness, view.contrast, view.saturation, view.hue) > 0:
         x = _color_jitter(x, p, view)
-    if view.gray_p > 0 and not view.gray_first:
-        x = x * (1.0 - p[GRAY]) + _gray(x) * p[GRAY]
+    if not view.gray_first:
+        x = to_gray(x)
     if view.blur_p > 0:
         k = view.blur_kernel_size(size)
         if view.blur_p >= 1:

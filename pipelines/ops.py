@@ -261,13 +261,15 @@ def apply_view(images: torch.Tensor, boxes: torch.Tensor, params: ViewParams, vi
     x = crop_resize(images, boxes, size)
     if view.flip_p > 0:
         x = where_sampled(params.flip, lambda y: y.flip(3), x)
-    gray = view.gray_p > 0
-    if gray and view.gray_first:
-        x = where_sampled(params.gray, lambda y: grayscale(y).expand_as(y), x)
+    def to_gray(y):
+        return where_sampled(params.gray, lambda z: grayscale(z).expand_as(z), y) if view.gray_p > 0 else y
+
+    if view.gray_first:
+        x = to_gray(x)
     if view.jitter_p > 0 and max(view.brightness, view.contrast, view.saturation, view.hue) > 0:
         x = color_jitter(x, params, view)
-    if gray and not view.gray_first:
-        x = where_sampled(params.gray, lambda y: grayscale(y).expand_as(y), x)
+    if not view.gray_first:
+        x = to_gray(x)
     if view.blur_p > 0:
         k = view.blur_kernel_size(size)
         x = where_sampled(params.blur, lambda y, s: gaussian_blur(y, s, k), x, params.sigma)
