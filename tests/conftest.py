@@ -45,3 +45,22 @@ def assert_user_error(proc, *fragments: str) -> None:
     assert len(lines) == 1, proc.stderr
     for frag in fragments:
         assert frag in lines[0], lines[0]
+
+
+def drloc_reference(mlp, grid, u, v) -> float:
+    """L_drloc (Liu et al. 2021, sec. 4) by hand on given pairs: per image i and pair j the L1 distance between
+    mlp([token u_ij, token v_ij]) and (|row_u - row_v| / rows, |col_u - col_v| / cols), averaged over all pairs;
+    cells numbered row-major. `mlp` must treat rows independently (no BN in training mode)."""
+    import torch
+
+    b, rows, cols, _ = grid.shape
+    total = 0.0
+    for i in range(b):
+        for j in range(u.shape[1]):
+            a, c = int(u[i, j]), int(v[i, j])
+            pair = torch.cat([grid[i, a // cols, a % cols], grid[i, c // cols, c % cols]])
+            pred = mlp(pair[None])[0].detach().double()
+            target = torch.tensor([abs(a // cols - c // cols) / rows, abs(a % cols - c % cols) / cols],
+                                  dtype=torch.float64)
+            total += float((pred - target).abs().sum())
+    return total / (b * u.shape[1])

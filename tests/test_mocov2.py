@@ -4,17 +4,19 @@ and the config-time errors."""
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import assert_user_error, run_tool
+from conftest import assert_user_error, drloc_reference, run_tool
 from fastssl.config import config_from_dict
 from fastssl.errors import UserError
 from fastssl.losses import info_nce
 from fastssl.methods import build_method
+from fastssl.methods.drloc import sample_pairs
 from fastssl.optim import build_optimizer
 
 from pipelines.base import ViewBatch
@@ -144,28 +146,71 @@ def test_head_without_bn_is_the_reference_mlp():
     assert all(m.bias is not None for m in head if isinstance(m, torch.nn.Linear))
 
 
+def _perturb_key_branch(method, scale=0.05):
+    """A fresh key branch is an exact copy of the query branch; after training it is not: make them differ so
+    that keys from the query network cannot pass for keys from the momentum encoder."""
+    g = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for p in (*method.key_encoder.parameters(), *method.key_projector.parameters()):
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def _reference_keys(method, x_k, perm, splits):
+    """He et al. 2020 sec. 3.3 written out: the key network on the shuffled batch, one BN group per split
+    (one GPU each), then un-shuffled so that key i belongs to image i. A copy, so BN buffers stay as they were."""
+    net = copy.deepcopy(torch.nn.Sequential(method.key_encoder, method.key_projector)).train()
+    with torch.no_grad():
+        shuffled = torch.cat([net(chunk) for chunk in x_k[perm].chunk(splits)])
+    keys = torch.empty_like(shuffled)
+    keys[perm] = shuffled
+    return keys.numpy()
+
+
 def test_loss_uses_the_queue_as_negatives_and_the_key_of_the_same_image_as_positive():
     torch.manual_seed(0)
-    method = build_method(_cfg())
+    method = build_method(_cfg()).double()
     method.train()
+    _perturb_key_branch(method)
     batch = _batch(torch.Generator().manual_seed(3))
-    out = method(batch)
-    q = method.projector(method.encoder(batch.views[0])).detach().double().numpy()
-    k = method._pending_keys.double().numpy()
-    loss, _, _ = numpy_info_nce(q, k, 0.2, method.queue.queue.double().numpy())
-    # The reference recomputes q in a second forward: BN sees the same batch, so only fp32 noise differs.
-    np.testing.assert_allclose(out.loss.item(), loss, rtol=1e-4)
+    x_q, x_k = (v.double() for v in batch.views)
+    torch.manual_seed(11)
+    out = method(ViewBatch((x_q, x_k), batch.labels, batch.indices))
+    torch.manual_seed(11)
+    perm = torch.randperm(4)  # the forward's one draw from the global RNG: Shuffle BN's permutation
+    with torch.no_grad():
+        q = method.projector(method.encoder(x_q)).numpy()  # training-mode BN: the same batch statistics
+    k = _reference_keys(method, x_k, perm, splits=2)
+    queue = method.queue.queue.numpy()
+    loss, _, _ = numpy_info_nce(q, k, 0.2, queue)
+    np.testing.assert_allclose(out.loss.item(), loss, rtol=1e-5)  # the loss runs in fp32
+    # The oracle tells the alternatives apart: keys of the query network, keys without Shuffle BN, or each
+    # query paired with another image's key would each give another loss.
+    with torch.no_grad():
+        online = method.projector(method.encoder(x_k)).numpy()
+        unshuffled = method.key_projector(method.key_encoder(x_k)).numpy()
+    for wrong in (online, unshuffled, np.roll(k, 1, axis=0)):
+        assert abs(numpy_info_nce(q, wrong, 0.2, queue)[0] - loss) > 1e-4 * loss
 
 
 def test_drloc_on_a_vit_adds_its_weighted_loss_and_trains_its_mlp():
+    # Oracle: InfoNCE against the queue (checked above) plus lambda * L_drloc computed by hand on the pairs the
+    # method draws for the query view (its first draw from the global RNG; the shuffle comes after).
     torch.manual_seed(0)
     cfg = config_from_dict(dict(data=dict(batch_size=4, image_size=16),
                                 model=dict(encoder="vit_pico", patch_size=4),
                                 method=dict(name="mocov2", queue_size=8, proj_layers=2, proj_hidden=16,
                                             proj_dim=8, drloc_weight=0.5, drloc_pairs=8, shuffle_bn_splits=2)))
     method = build_method(cfg)
-    out = method(_batch(torch.Generator().manual_seed(0)))
-    torch.testing.assert_close(out.loss.detach(), out.logs["info_nce"] + 0.5 * out.logs["drloc"])
+    batch = _batch(torch.Generator().manual_seed(0))
+    torch.manual_seed(5)
+    out = method(batch)
+    torch.manual_seed(5)
+    u, v = sample_pairs(4, 4, 4, 8, "cpu")
+    with torch.no_grad():
+        grid = method.encoder.forward_features(batch.views[0])[:, 1:].reshape(4, 4, 4, -1)  # [CLS] first
+        aux = drloc_reference(method.drloc.mlp, grid, u, v)
+    np.testing.assert_allclose(out.logs["drloc"].item(), aux, rtol=1e-5)
+    np.testing.assert_allclose(out.loss.item(), out.logs["info_nce"].item() + 0.5 * aux, rtol=1e-6)
     out.loss.backward()
     assert all(p.grad is not None for p in method.drloc.parameters())
 

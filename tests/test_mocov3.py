@@ -3,16 +3,18 @@ re-implemented here in float64 numpy), the cosine momentum in after_step, heads 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT
+from conftest import ROOT, drloc_reference
 from fastssl.config import config_from_dict, load_config
 from fastssl.errors import UserError
 from fastssl.methods import build_method
-from fastssl.momentum import cosine_momentum
+from fastssl.methods.drloc import sample_pairs
 
 from pipelines.base import ViewBatch
 
@@ -42,11 +44,21 @@ def paper_ctr(q, k, tau):
     return 2 * tau * float(-np.mean(np.diag(log_prob)))
 
 
+def _perturb_key_branch(method, scale=0.05):
+    """A fresh method's key branch is an exact copy of the query branch; after training it is not. Make them
+    differ, so that keys from the wrong network cannot pass for keys from the momentum encoder."""
+    g = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for p in (*method.key_encoder.parameters(), *method.key_projector.parameters()):
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
 @pytest.mark.parametrize("encoder", ["resnet18", "vit_pico"])
 def test_loss_equals_the_papers_pseudo_code(encoder):
     torch.manual_seed(0)
     method = build_method(_cfg(encoder)).double()
     method.train()
+    _perturb_key_branch(method)
     batch = _batch()
     x1, x2 = (v.double() for v in batch.views)
     with torch.no_grad():
@@ -55,8 +67,11 @@ def test_loss_equals_the_papers_pseudo_code(encoder):
         f_q = lambda x: method.predictor(method.projector(method.encoder(x))).numpy()  # noqa: E731
         f_k = lambda x: method.key_projector(method.key_encoder(x)).numpy()  # noqa: E731
         q1, q2, k1, k2 = f_q(x1), f_q(x2), f_k(x1), f_k(x2)
+        o1, o2 = (method.projector(method.encoder(x)).numpy() for x in (x1, x2))
     expect = paper_ctr(q1, k2, 0.2) + paper_ctr(q2, k1, 0.2)
     np.testing.assert_allclose(out.loss.item(), expect, rtol=1e-5)  # the loss runs in fp32
+    # The oracle tells the key branch apart: keys from the online network would give another loss.
+    assert abs(paper_ctr(q1, o2, 0.2) + paper_ctr(q2, o1, 0.2) - expect) > 1e-3 * expect
 
 
 def test_heads_follow_the_paper_and_there_is_no_queue():
@@ -90,18 +105,35 @@ def test_after_step_applies_the_cosine_momentum_to_the_key_encoder():
         opt.zero_grad()
         before = [p.detach().double().clone() for p in method.key_projector.parameters()]
         method.after_step(step, total)
-        m = cosine_momentum(0.9, step + 1, total)
-        assert method.current_momentum == m and m > 0.9
+        m = 1 - (1 - 0.9) * (math.cos(math.pi * (step + 1) / total) + 1) / 2  # MoCo v3 Sec. 4, after step k+1
+        assert math.isclose(method.current_momentum, m, rel_tol=1e-12) and m > 0.9
         for b, p, o in zip(before, method.key_projector.parameters(), method.projector.parameters()):
             torch.testing.assert_close(p.double(), m * b + (1 - m) * o.detach().double(), rtol=1e-6, atol=1e-7)
     assert method(_batch()).logs["momentum"] == method.current_momentum
 
 
 def test_drloc_adds_the_mean_over_both_views():
+    # Oracle: the symmetric InfoNCE of algorithm 1 plus lambda times the mean over the two views of L_drloc,
+    # computed by hand on the pairs the method draws (its only draws from the global RNG: view 1's, then 2's).
     torch.manual_seed(0)
-    method = build_method(_cfg("vit_pico", drloc_weight=0.25, drloc_pairs=4))
-    out = method(_batch())
-    torch.testing.assert_close(out.loss.detach(), out.logs["info_nce"] + 0.25 * out.logs["drloc"])
+    n, pairs, weight = 6, 4, 0.25
+    method = build_method(_cfg("vit_pico", drloc_weight=weight, drloc_pairs=pairs)).double()
+    _perturb_key_branch(method)
+    batch = _batch()
+    x1, x2 = (v.double() for v in batch.views)
+    torch.manual_seed(7)
+    out = method(ViewBatch((x1, x2), batch.labels, batch.indices))
+    torch.manual_seed(7)
+    drawn = [sample_pairs(n, 4, 4, pairs, "cpu") for _ in range(2)]
+    enc = method.encoder
+    with torch.no_grad():
+        q1, q2 = (method.predictor(method.projector(enc(x))).numpy() for x in (x1, x2))
+        k1, k2 = (method.key_projector(method.key_encoder(x)).numpy() for x in (x1, x2))
+        grids = [enc.forward_features(x)[:, 1:].reshape(n, 4, 4, -1) for x in (x1, x2)]  # [CLS] first
+        aux = [drloc_reference(method.drloc.mlp, grid, u, v) for grid, (u, v) in zip(grids, drawn)]
+    expect = paper_ctr(q1, k2, 0.2) + paper_ctr(q2, k1, 0.2) + weight * 0.5 * (aux[0] + aux[1])
+    np.testing.assert_allclose(out.loss.item(), expect, rtol=1e-5)
+    assert abs(aux[0] - aux[1]) > 1e-3  # the two views' terms differ: a mean over one view would not pass
 
 
 @pytest.mark.parametrize("method, fragment", [

@@ -72,6 +72,10 @@ def test_cosine_momentum_closed_form():
     assert cosine_momentum(base, 0, total) == base
     assert math.isclose(cosine_momentum(base, total, total), 1.0)
     assert math.isclose(cosine_momentum(base, total // 2, total), 1 - 0.5 * (1 - base))  # cos(pi/2) = 0
+    # MoCo v3 / BYOL: m = 1 - (1 - m0) * (cos(pi k / K) + 1) / 2; off the midpoint a linear ramp differs
+    for step in (total // 4, 3 * total // 4, 7):
+        expected = 1 - (1 - base) * (math.cos(math.pi * step / total) + 1) / 2
+        assert math.isclose(cosine_momentum(base, step, total), expected, rel_tol=1e-12)
     values = [cosine_momentum(base, s, total) for s in range(total + 1)]
     assert all(b >= a for a, b in zip(values, values[1:]))
 
