@@ -40,6 +40,22 @@ def test_loss_bench_end_to_end(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.json", "loss.png"]  # no temp files left behind
 
 
+def test_a_triton_record_names_the_kernels_dot_precision(monkeypatch):
+    # Where triton runs (a GPU), the record says which tl.dot precision the fp32 rows used; the measurement
+    # itself is replaced here (no GPU), the record-building path is the one the GPU runs.
+    from fastssl.losses import triton_infonce
+
+    monkeypatch.setattr(triton_infonce, "unavailable_reason", lambda device, d: None)
+    monkeypatch.setattr(bench_loss, "_measure", lambda point, timeout: dict(time_s=1e-3, peak_mib=1.0,
+                                                                            loss_value=1.0, skipped=None))
+    args = SimpleNamespace(device="cpu", loss="nt_xent", dtype="fp32", temperature=0.1, repeats=1,
+                           max_seconds=60.0, n="1024", d="128", impl="naive,triton")
+    record = bench_loss.run(args)
+    assert record.config["float32_matmul_precision"] == "highest"
+    assert record.config["triton_dot_precision"] == "tf32x3"  # 3xTF32 under torch's "highest"
+    assert {r["impl"] for r in record.figures if r["skipped"] is None} == {"naive", "triton"}
+
+
 def _cfg(**kw):
     return dict(dict(repeats=2, max_seconds=60.0), **kw)
 

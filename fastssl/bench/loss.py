@@ -138,6 +138,8 @@ def _measure(point: dict, timeout: float) -> dict:
 
 
 def run(args) -> BenchRecord:
+    from fastssl.losses import triton_infonce
+
     cfg = _resolve(args)
     rows = []
     free = _free_bytes_cpu() if cfg["device"] == "cpu" else float("inf")
