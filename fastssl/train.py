@@ -16,7 +16,6 @@ from fastssl.data.imagefolder import scan_image_folder
 from fastssl.errors import UserError
 from fastssl.eval.monitor import KnnMonitor
 from fastssl.methods import build_method
-from fastssl.methods.base import DDP_FIND_UNUSED_PARAMETERS
 from fastssl.metrics import MetricsLog, Progress
 from fastssl.optim import build_optimizer
 from fastssl.rundir import prepare_run_dir
@@ -89,14 +88,12 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
 
 
 def make_accelerator(cfg: Config):
-    """The loop's Accelerator: precision from the recipe, the CPU when torch sees no GPU, and the DDP options
-    the method needs (see DDP_FIND_UNUSED_PARAMETERS)."""
+    """The loop's Accelerator: precision from the recipe, the CPU when torch sees no GPU. DDP runs with its
+    defaults: every trainable parameter gets a gradient each step (the momentum copies are frozen, so no
+    find_unused_parameters graph walk)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
 
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.method.name in DDP_FIND_UNUSED_PARAMETERS)
-    return Accelerator(mixed_precision=resolve_precision(cfg.train.precision), cpu=not torch.cuda.is_available(),
-                       kwargs_handlers=[ddp])
+    return Accelerator(mixed_precision=resolve_precision(cfg.train.precision), cpu=not torch.cuda.is_available())
 
 
 def build_training_method(cfg: Config, device: torch.device):

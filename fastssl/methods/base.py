@@ -47,13 +47,6 @@ class Method(nn.Module):
 # name -> builder(cfg: Config) -> Method
 METHODS: Registry = Registry("method")
 
-# Methods that DDP must wrap with find_unused_parameters=True. MoCo v3 (global BN in both encoders, two
-# query passes per step) got the single-process loss but different gradients on 2 gloo processes with it
-# off, and the same gradients with it on or with DDP's reduction replaced by a manual all-reduce
-# (tests/test_distributed.py); the cause inside DDP's reducer is not established. It costs a graph
-# traversal per step.
-DDP_FIND_UNUSED_PARAMETERS = frozenset({"mocov3"})
-
 _MODULES = ("simclr", "mocov2", "mocov3")
 
 
