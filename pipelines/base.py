@@ -55,20 +55,45 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_samples)
 
 
-def shard_batches(num_samples: int, global_batch: int, seed: int, epoch: int, process_index: int,
-                  num_processes: int, drop_last: bool = True, shuffle: bool = True) -> list[np.ndarray]:
-    """Dataset indices of this process's batches for one epoch.
+def check_global_batch(global_batch: int, num_processes: int) -> None:
+    """data.batch_size is the global batch: every process takes an equal share (checked before reading data)."""
+    if global_batch < 1 or global_batch % num_processes:
+        raise UserError(f"data.batch_size={global_batch} is the global batch; expected a positive multiple of the "
+                        f"{num_processes} processes")
 
-    Global batch s is order[s*G:(s+1)*G]; process r takes its r-th contiguous chunk, so concatenating the
-    processes' batches in rank order gives the global batch (what the distributed tests compare against).
-    Without drop_last the last global batch is short and split as evenly as possible.
-    """
-    order = epoch_order(num_samples, seed, epoch, shuffle)
+
+def check_dataset_batches(source: str, num_samples: int, global_batch: int, drop_last: bool,
+                          num_processes: int) -> None:
+    """What the data must allow, for every backend: at least one batch, and equal shares of a short last batch
+    (the global negatives, Shuffle BN and the MoCo queue all-gather equal-sized tensors from every process)."""
+    if drop_last and num_samples < global_batch:
+        raise UserError(f"{source} holds {num_samples} images, fewer than one global batch of {global_batch} "
+                        f"(data.drop_last=true); lower data.batch_size")
+    tail = num_samples % global_batch
+    if not drop_last and tail % num_processes:
+        raise UserError(f"data.drop_last=false leaves a last global batch of {tail} images of {source}, which "
+                        f"{num_processes} processes cannot share equally; set data.drop_last=true or a "
+                        f"data.batch_size that leaves a multiple of {num_processes}")
+
+
+def shard_order(order: np.ndarray, global_batch: int, process_index: int, num_processes: int,
+                drop_last: bool) -> list[np.ndarray]:
+    """This process's batches of one epoch, for any global order: global batch s is order[s*G:(s+1)*G] and
+    process r takes its r-th contiguous chunk, so concatenating the processes' batches in rank order gives the
+    global batch (what the distributed tests compare against). Without drop_last the last global batch is
+    short; check_dataset_batches makes it split into equal shares."""
     batches = []
-    for s in range(steps_per_epoch(num_samples, global_batch, drop_last)):
-        g = order[s * global_batch:(s + 1) * global_batch]
+    for s in range(steps_per_epoch(len(order), global_batch, drop_last)):
+        g = np.asarray(order[s * global_batch:(s + 1) * global_batch], dtype=np.int64)
         batches.append(np.array_split(g, num_processes)[process_index])
     return batches
+
+
+def shard_batches(num_samples: int, global_batch: int, seed: int, epoch: int, process_index: int,
+                  num_processes: int, drop_last: bool = True, shuffle: bool = True) -> list[np.ndarray]:
+    """Dataset indices of this process's batches for one epoch, in the shared epoch order."""
+    return shard_order(epoch_order(num_samples, seed, epoch, shuffle), global_batch, process_index, num_processes,
+                       drop_last)
 
 
 def batch_seed(seed: int, epoch: int, step: int, process_index: int) -> int:

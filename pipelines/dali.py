@@ -31,7 +31,8 @@ from fastssl.data.imagefolder import load_rgb
 from fastssl.errors import UserError
 from pipelines import ops
 from pipelines.augment import AugmentSpec
-from pipelines.base import BACKENDS, LoaderContext, ViewBatch, batch_seed, shard_batches, steps_per_epoch
+from pipelines.base import (BACKENDS, LoaderContext, ViewBatch, batch_seed, check_dataset_batches, check_global_batch,
+                            shard_batches, steps_per_epoch)
 from pipelines.dali_sources import ImageFolderSource, open_source
 
 INSTALL_HINT = ("data.backend=dali needs NVIDIA DALI, which is not installed; install the extra with "
@@ -211,17 +212,13 @@ def build(data_cfg, spec: AugmentSpec, ctx: LoaderContext) -> DaliViewLoader:
     dali_graph()  # the install hint comes first: nothing else can work without DALI
     if data_cfg.workers < 0:
         raise UserError(f"data.workers={data_cfg.workers}; expected DALI CPU threads >= 1 (0 means 1)")
-    if data_cfg.batch_size < 1 or data_cfg.batch_size % ctx.num_processes:
-        raise UserError(f"data.batch_size={data_cfg.batch_size} is the global batch; expected a positive "
-                        f"multiple of the {ctx.num_processes} processes")
+    check_global_batch(data_cfg.batch_size, ctx.num_processes)
     if data_cfg.dali_prefetch_queue_depth < 1:
         raise UserError(f"data.dali_prefetch_queue_depth={data_cfg.dali_prefetch_queue_depth}; expected >= 1")
     if not 0.0 <= data_cfg.dali_hw_decoder_load <= 1.0:
         raise UserError(f"data.dali_hw_decoder_load={data_cfg.dali_hw_decoder_load}; expected a share in [0, 1]")
     device = dali_device(data_cfg.device, ctx)
     source = open_source(data_cfg.path)
-    if data_cfg.drop_last and len(source) < data_cfg.batch_size:
-        raise UserError(f"{data_cfg.path} holds {len(source)} images, fewer than one global batch of "
-                        f"{data_cfg.batch_size} (data.drop_last=true); lower data.batch_size")
+    check_dataset_batches(data_cfg.path, len(source), data_cfg.batch_size, data_cfg.drop_last, ctx.num_processes)
     return DaliViewLoader(source, spec, ctx, data_cfg.batch_size, data_cfg.drop_last, device, data_cfg.workers,
                           data_cfg.dali_prefetch_queue_depth, data_cfg.dali_hw_decoder_load)

@@ -26,22 +26,13 @@ import torch
 from fastssl.data.beton import IMAGE_FIELD, LABEL_FIELD, import_ffcv, open_beton, require_fields
 from fastssl.errors import UserError
 from pipelines.augment import AugmentSpec
-from pipelines.base import BACKENDS, LoaderContext, ViewBatch, batch_seed, epoch_order, steps_per_epoch
+from pipelines.base import (BACKENDS, LoaderContext, ViewBatch, batch_seed, check_dataset_batches, check_global_batch,
+                            epoch_order, shard_order, steps_per_epoch)
 from pipelines.ops import make_view, sample_crop_boxes
 
 ORDERS = ("shared", "random", "quasi_random", "sequential")
 DECODES = ("once", "per_view")
 _BOX_CHUNK = 1 << 16  # samples per sample_crop_boxes call: it draws 40 doubles per sample and view
-
-
-def shard_order(order: np.ndarray, global_batch: int, process_index: int, num_processes: int,
-                drop_last: bool) -> list[np.ndarray]:
-    """`base.shard_batches` for any global order: global batch s is order[s*G:(s+1)*G], rank r its r-th chunk."""
-    batches = []
-    for s in range(steps_per_epoch(len(order), global_batch, drop_last)):
-        g = np.asarray(order[s * global_batch:(s + 1) * global_batch], dtype=np.int64)
-        batches.append(np.array_split(g, num_processes)[process_index])
-    return batches
 
 
 def resolve_device(requested: str, ctx: LoaderContext) -> torch.device:
@@ -77,15 +68,8 @@ class FFCVViewLoader:
         reader = open_beton(path)
         require_fields(reader, path)
         self.num_samples = int(reader.num_samples)
-        if batch_size < 1 or batch_size % ctx.num_processes:
-            raise UserError(f"data.batch_size={batch_size} must be a positive multiple of the number of "
-                            f"processes ({ctx.num_processes})")
-        if drop_last and self.num_samples < batch_size:
-            raise UserError(f"{path} holds {self.num_samples} images, fewer than one global batch of {batch_size}")
-        tail = self.num_samples % batch_size
-        if not drop_last and 0 < tail < ctx.num_processes:
-            raise UserError(f"data.drop_last=false leaves a last batch of {tail} images for {ctx.num_processes} "
-                            f"processes; use drop_last=true or a batch size that leaves at least one per process")
+        check_global_batch(batch_size, ctx.num_processes)
+        check_dataset_batches(str(path), self.num_samples, batch_size, drop_last, ctx.num_processes)
         self.path, self.spec, self.ctx = str(path), spec, ctx
         self.global_batch, self.drop_last, self.order = batch_size, drop_last, order
         self.device = resolve_device(device, ctx)

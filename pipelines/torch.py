@@ -20,7 +20,8 @@ from fastssl.data.imagefolder import ImageFolderIndex, load_rgb, scan_image_fold
 from fastssl.errors import UserError
 from pipelines import ops
 from pipelines.augment import AugmentSpec
-from pipelines.base import BACKENDS, LoaderContext, ViewBatch, batch_seed, shard_batches, steps_per_epoch
+from pipelines.base import (BACKENDS, LoaderContext, ViewBatch, batch_seed, check_dataset_batches, check_global_batch,
+                            shard_batches, steps_per_epoch)
 from pipelines.eval_views import build_eval_loader  # noqa: F401  (public here: fastssl.eval imports it)
 
 # A region is pre-shrunk by an integer factor f (block mean, an exact box filter) only while every box
@@ -89,9 +90,6 @@ class _ViewRegions(Dataset):
         except UserError as e:
             empty = torch.empty(0)
             return RegionBatch(empty.to(torch.uint8), empty, labels, indices, epoch, step, error=str(e))
-        if not images:  # without drop_last a rank's share of the last global batch can be empty
-            return RegionBatch(torch.empty((0, 3, 1, 1), dtype=torch.uint8), torch.empty((len(self.spec.views), 0, 4)),
-                               labels, indices, epoch, step)
         rng = np.random.default_rng([batch_seed(self.seed, epoch, step, self.process_index), _BOX_STREAM])
         heights = np.array([im.shape[0] for im in images])
         widths = np.array([im.shape[1] for im in images])
@@ -181,12 +179,8 @@ def build(data_cfg, spec: AugmentSpec, ctx: LoaderContext) -> TorchViewLoader:
         raise UserError("data.path is empty; expected an ImageFolder root (ROOT/<class>/<image>)")
     if data_cfg.workers < 0:
         raise UserError(f"data.workers={data_cfg.workers}; expected 0 (decode in-process) or more")
-    if data_cfg.batch_size < 1 or data_cfg.batch_size % ctx.num_processes:
-        raise UserError(f"data.batch_size={data_cfg.batch_size} is the global batch; expected a positive "
-                        f"multiple of the {ctx.num_processes} processes")
+    check_global_batch(data_cfg.batch_size, ctx.num_processes)
     aug_device = augment_device(data_cfg.device, ctx)
     index = scan_image_folder(data_cfg.path)
-    if data_cfg.drop_last and len(index) < data_cfg.batch_size:
-        raise UserError(f"{data_cfg.path} holds {len(index)} images, fewer than one global batch of "
-                        f"{data_cfg.batch_size} (data.drop_last=true); lower data.batch_size")
+    check_dataset_batches(data_cfg.path, len(index), data_cfg.batch_size, data_cfg.drop_last, ctx.num_processes)
     return TorchViewLoader(index, spec, ctx, data_cfg.batch_size, data_cfg.drop_last, data_cfg.workers, aug_device)

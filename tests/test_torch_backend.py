@@ -127,6 +127,13 @@ def test_build_rejects_bad_settings(folder, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         loader_for(tmp_path / "missing")
     assert len(list(loader_for(folder, batch=32, drop_last=False))) == 1
+    # Without drop_last, 20 images in global batches of 6 leave 2: two processes share it 1 / 1, three cannot
+    # (the all-gathers of the loss and of Shuffle BN need equal shares on every process).
+    two = [collect(loader_for(folder, batch=6, drop_last=False, ctx=LoaderContext(CPU, process_index=r,
+                                                                                num_processes=2))) for r in (0, 1)]
+    assert [len(b[-1][2]) for b in two] == [1, 1]
+    with pytest.raises(UserError, match="last global batch of 2 images .* 3 processes cannot share equally"):
+        loader_for(folder, batch=6, drop_last=False, ctx=LoaderContext(CPU, num_processes=3))
 
 
 def test_both_views_come_from_the_same_image(tmp_path):
