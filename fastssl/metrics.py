@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, path: Path, enabled: bool):
+    """Appends one JSON record per line. On resume (resume_step: the checkpoint's step) the records after that
+    step, which the resumed run writes again, and a line cut short by a crash are dropped first."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
         self.enabled = enabled
+        if enabled and resume_step is not None and path.exists():
+            _truncate_after(path, resume_step)
         self._f = open(path, "a") if enabled else None
 
     def write(self, record: dict) -> None:
@@ -21,6 +27,20 @@ class MetricsLog:
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a run killed mid-write
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
 
 
 class Progress:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -16,6 +17,7 @@ from fastssl.data.imagefolder import scan_image_folder
 from fastssl.errors import UserError
 from fastssl.eval.monitor import KnnMonitor
 from fastssl.methods import build_method
+from fastssl.methods.base import LossOutput
 from fastssl.metrics import MetricsLog, Progress
 from fastssl.optim import build_optimizer
 from fastssl.rundir import prepare_run_dir
@@ -120,13 +122,25 @@ def channels_last_views(batch: ViewBatch) -> ViewBatch:
                      batch.indices)
 
 
-def forward_backward(method, accelerator, batch: ViewBatch, grad_accum: int):
-    """Forward under autocast and backward, over `grad_accum` micro-batches; returns the last LossOutput."""
-    for micro in split_batch(batch, grad_accum):
+def forward_backward(method, accelerator, batch: ViewBatch, grad_accum: int) -> LossOutput:
+    """Forward under autocast and backward, over `grad_accum` micro-batches. Returns the step's loss and logs
+    (means over the micro-batches, detached when there are several)."""
+    if grad_accum == 1:
         with accelerator.autocast():
-            out = method(micro)
-        accelerator.backward(out.loss / grad_accum)
-    return out
+            out = method(batch)
+        accelerator.backward(out.loss)
+        return out
+    outs = []
+    for i, micro in enumerate(split_batch(batch, grad_accum)):
+        # DDP reduces the gradients once, after the last micro-batch: the sum is the same, the traffic 1/k.
+        with accelerator.no_sync(method) if i < grad_accum - 1 else contextlib.nullcontext():
+            with accelerator.autocast():
+                out = method(micro)
+            accelerator.backward(out.loss / grad_accum)
+        outs.append(out)
+    mean = lambda values: sum(values) / grad_accum  # noqa: E731
+    return LossOutput(mean([o.loss.detach() for o in outs]),
+                      {k: mean([o.logs[k] for o in outs]) for k in outs[-1].logs})
 
 
 def optimizer_step(method, optimizer, accelerator, batch: ViewBatch, grad_accum: int):
@@ -159,6 +173,10 @@ def train(cfg: Config) -> dict:
     method, channels_last = build_training_method(cfg, accelerator.device)  # checks the config before any data
     if resolve_compile(cfg.model.compile, accelerator.device):
         compile_networks(method)
+    # The model's own draws (drop-path masks, DRLoc's cell pairs) must differ across processes, or every rank
+    # drops the same samples' branches: each process after the first moves to a stream of its own.
+    if accelerator.process_index:
+        set_seed(cfg.seed + accelerator.process_index)
     spec = spec_for(cfg.data)
     ctx = LoaderContext(accelerator.device, accelerator.process_index, accelerator.num_processes, cfg.seed)
     loader = build_loader(cfg.data, spec, ctx)
@@ -178,11 +196,12 @@ def train(cfg: Config) -> dict:
         accelerator.load_state(str(latest_checkpoint(run_dir)))
         if main and state.world_size != world:
             print(f"resuming a run saved on {state.world_size} process(es) on {world}: same global batch "
-                  f"{cfg.data.batch_size}, so the same global batches and the same maths", flush=True)
+                  f"{cfg.data.batch_size}, so the same images in each step and the same loss over them; the "
+                  f"random views and per-process BN groups are drawn per process, so they differ", flush=True)
     state.world_size = world
     accelerator.wait_for_everyone()
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main, resume_step=state.step if resuming else None)
     progress = Progress(total, state.step, enabled=main and cfg.train.progress)
     if main:
         per_device = cfg.data.batch_size // world
@@ -255,7 +274,12 @@ def train(cfg: Config) -> dict:
     summary = {"steps": state.step, "wall_s": round(wall, 1),
                "images_per_s": float(sum(throughput[1:]) / max(1, len(throughput) - 1)) if len(throughput) > 1
                else (throughput[0] if throughput else 0.0)}
-    if knn_sets is not None and main:
+    # The other processes leave now rather than wait at a barrier while the main one evaluates: on ImageNet the
+    # kNN bank is the whole train set, longer than a collective's timeout (10 min by default).
+    accelerator.wait_for_everyone()
+    if not main:
+        return summary
+    if knn_sets is not None:
         from fastssl.eval.knn import knn_eval
 
         kw = dict(k=cfg.eval.knn_k, temperature=cfg.eval.knn_t, batch_size=cfg.eval.batch_size,
@@ -266,13 +290,11 @@ def train(cfg: Config) -> dict:
             rand, _ = load_encoder(run_dir, random_init=True)
             base = knn_eval(rand.to(accelerator.device), *knn_sets, cfg.data.image_size, **kw)
             summary.update({"knn_top1_random_init": base["top1"], "knn_top5_random_init": base["top5"]})
-    if main:
-        _write_json_atomic(run_dir / "summary.json", summary)
-        lines = [f"trained {state.step} steps in {wall:.0f} s, {summary['images_per_s']:.1f} images/s"]
-        if "knn_top1" in summary:
-            lines.append(f"kNN top-1 (k={cfg.eval.knn_k}): {summary['knn_top1']:.2f}% trained"
-                         + (f", {summary['knn_top1_random_init']:.2f}% random init"
-                            if "knn_top1_random_init" in summary else ""))
-        print("\n".join(lines), flush=True)
-    accelerator.wait_for_everyone()
+    _write_json_atomic(run_dir / "summary.json", summary)
+    lines = [f"trained {state.step} steps in {wall:.0f} s, {summary['images_per_s']:.1f} images/s"]
+    if "knn_top1" in summary:
+        lines.append(f"kNN top-1 (k={cfg.eval.knn_k}): {summary['knn_top1']:.2f}% trained"
+                     + (f", {summary['knn_top1_random_init']:.2f}% random init"
+                        if "knn_top1_random_init" in summary else ""))
+    print("\n".join(lines), flush=True)
     return summary

@@ -4,6 +4,7 @@ checkpoints, and the one-line errors a user meets."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -51,6 +52,12 @@ def test_cli_run_writes_config_metrics_checkpoint_and_summary(tiny_data, tmp_pat
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["loss"] > 0 and r["images_per_s"] > 0 for r in rows)
+    # The schedule the loop applies, written out: peak = 1.0 x 8 / 256 (linear scaling); 40 images in batches
+    # of 8 = 5 steps an epoch, 0.5 epoch of warmup = round(2.5) = 2 steps rising to the peak, then the half
+    # cosine to 0 over the remaining 2 steps (the lr of step s is logged with step s + 1).
+    peak = 1.0 * 8 / 256
+    expected = [peak / 2, peak, peak, 0.5 * peak * (1 + math.cos(math.pi / 2))]
+    assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-12)
     assert latest_checkpoint(out).name == "step_00000004"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4
@@ -70,6 +77,10 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_data, tmp_p
     stopped = train(_cfg(tiny_data, tmp_path / "part", *extra, "train.stop_after_steps=3"))
     assert stopped == {"stopped_at_step": 3}
     assert latest_checkpoint(tmp_path / "part").name == "step_00000003"
+    # A crash after the step-3 checkpoint: steps 4 and 5 logged (step 5 cut short). The resumed run logs
+    # them again; the log keeps one record per step and only whole lines.
+    with open(tmp_path / "part/metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 1.0}\n{"step": 5, "lo')
     train(_cfg(tiny_data, tmp_path / "part", *extra, f"resume={tmp_path / 'part'}"))
     full, resumed = _state(tmp_path / "full"), _state(tmp_path / "part")
     assert full.keys() == resumed.keys()
@@ -77,6 +88,50 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_data, tmp_p
         torch.testing.assert_close(resumed[k], full[k], rtol=1e-5, atol=1e-6, msg=k)
     steps = [json.loads(x)["step"] for x in (tmp_path / "part/metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_gradient_accumulation_steps_on_the_mean_of_the_micro_batch_losses():
+    # Oracle: k micro-batches give the gradient of (1/k) sum_i L(micro-batch i), here one backward of that sum
+    # over slices taken by hand, on a copy of the method; the step reports that mean as its loss.
+    import copy
+
+    from accelerate import Accelerator
+
+    from fastssl.config import config_from_dict
+    from fastssl.methods import build_method
+    from fastssl.train import forward_backward
+    from pipelines.base import ViewBatch
+
+    torch.manual_seed(0)
+    cfg = config_from_dict(dict(data=dict(batch_size=8, image_size=16), model=dict(encoder="resnet18",
+                                small_input=True), method=dict(name="simclr", proj_hidden=16, proj_dim=8)))
+    method = build_method(cfg)
+    ref = copy.deepcopy(method)
+    g = torch.Generator().manual_seed(1)
+    views = [torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)]
+    batch = ViewBatch(tuple(views), torch.zeros(8, dtype=torch.long), torch.arange(8))
+    out = forward_backward(method, Accelerator(cpu=True), batch, grad_accum=2)
+    losses = [ref(ViewBatch((views[0][i:i + 4], views[1][i:i + 4]), torch.zeros(4, dtype=torch.long),
+                            torch.arange(i, i + 4))).loss for i in (0, 4)]
+    (sum(losses) / 2).backward()
+    torch.testing.assert_close(out.loss, (sum(losses) / 2).detach())
+    for (name, p), q in zip(method.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert abs(losses[0].item() - losses[1].item()) > 1e-3  # a last-micro-batch loss would not pass
+
+
+def test_training_guards(tiny_data, tmp_path, monkeypatch):
+    from fastssl import train as train_mod
+    from fastssl.methods.base import LossOutput
+
+    with pytest.raises(UserError, match="train.grad_accum=2 changes the negatives"):
+        train(_cfg(tiny_data, tmp_path / "a", "train.grad_accum=2", "eval.knn_val_path="))
+    with pytest.raises(UserError, match=r"data.batch_size=8 .* train.grad_accum=3"):
+        train(_cfg(tiny_data, tmp_path / "b", "train.grad_accum=3", "train.allow_grad_accum=true",
+                   "eval.knn_val_path="))
+    monkeypatch.setattr(train_mod, "optimizer_step", lambda *a: LossOutput(torch.tensor(float("nan"))))
+    with pytest.raises(UserError, match="loss is nan at step 1"):
+        train(_cfg(tiny_data, tmp_path / "c", "eval.knn_val_path="))
 
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tiny_data, tmp_path, monkeypatch):
