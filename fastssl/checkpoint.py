@@ -9,8 +9,10 @@ atomically, so a crash while saving leaves the previous checkpoint as the one re
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -18,7 +20,13 @@ import torch
 from fastssl.errors import UserError
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_TMP_DIR = re.compile(r"^\.tmp-step_(\d{8})$")
 ENCODER_FILE = "encoder.pt"
+# What torch.load(weights_only=True) raises for an empty, truncated, corrupt or foreign file: the zip reader's
+# RuntimeError / OSError, and the weights-only unpickler's errors on a malformed byte stream (a non-zip file is
+# read as a legacy pickle). Anything else (TypeError, AttributeError, ...) is a bug and keeps its traceback.
+_UNREADABLE = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError, IndexError,
+               struct.error)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -38,9 +46,9 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     ckpt = Path(run_dir) / "checkpoints"
     pointer = ckpt / "latest"
     if pointer.is_file():
-        p = ckpt / pointer.read_text().strip()
-        if p.is_dir():
-            return p
+        name = pointer.read_text().strip()
+        if _STEP_DIR.match(name) and (ckpt / name).is_dir():  # not "" (the checkpoints folder) nor a stray path
+            return ckpt / name
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
@@ -52,7 +60,10 @@ def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, encoder:
     tmp = ckpt / f".tmp-step_{step:08d}"
     if accelerator.is_main_process:
         ckpt.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        # A process killed while saving (its `finally` never ran) leaves a .tmp-step_*; nothing else lists those.
+        for stale in ckpt.iterdir():
+            if _TMP_DIR.match(stale.name):
+                shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp), safe_serialization=False)
@@ -93,8 +104,14 @@ def load_encoder_checkpoint(path: str | os.PathLike) -> dict:
     f = _find_encoder_file(path)
     try:
         ckpt = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which file and why, not a pickle traceback
-        raise UserError(f"cannot read checkpoint {str(f)!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except _UNREADABLE as e:  # say which file and why, not a pickle traceback
+        if isinstance(e, pickle.UnpicklingError):  # torch's text advises weights_only=False: wrong for a bad file
+            why = "the weights-only unpickler rejected its contents"
+        else:
+            msg = str(e).splitlines()[0].split(". ")[0] if str(e).strip() else ""  # miniz adds paragraphs
+            why = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+        raise UserError(f"cannot read checkpoint {str(f)!r} ({why}); expected an {ENCODER_FILE} written by "
+                        f"fastssl: is the file truncated or corrupt?") from None
     if not isinstance(ckpt, dict) or not {"encoder", "config"} <= set(ckpt):
         hint = ""
         if isinstance(ckpt, dict) and any(str(k).startswith("encoder.") for k in ckpt):
@@ -110,8 +127,11 @@ def load_encoder(path: str | os.PathLike, *, random_init: bool = False):
 
     ckpt = load_encoder_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])
-    torch.manual_seed(cfg.seed)
-    encoder = create_encoder(cfg.model, cfg.data.image_size)
+    # The run's own initial weights (the trainer builds the encoder first after seeding), without touching the
+    # caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        encoder = create_encoder(cfg.model, cfg.data.image_size)
     if not random_init:
         missing, unexpected = encoder.load_state_dict(ckpt["encoder"], strict=False)
         if missing or unexpected:

@@ -19,6 +19,10 @@ def _tiny_vit(**kw) -> torch.nn.Module:
     return timm.models.vision_transformer.VisionTransformer(**args)
 
 
+def _images(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
 def _manual_attention(block, x: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d_head)) from the block's own qkv weights, written out by hand."""
     attn = block.attn
@@ -34,7 +38,7 @@ def _manual_attention(block, x: torch.Tensor) -> torch.Tensor:
 
 def test_attention_rows_sum_to_one_and_equal_manual_softmax():
     vit = _tiny_vit().train()
-    images = torch.randn(2, 3, 32, 32)
+    images = _images(2)
     inputs = []
     hooks = [b.attn.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for b in vit.blocks]
     fused_before = [b.attn.fused_attn for b in vit.blocks]
@@ -71,7 +75,7 @@ def test_rollout_matches_numpy_and_stays_row_stochastic():
 
 def test_cls_attention_maps_are_image_shaped_and_taken_from_the_cls_row():
     vit = _tiny_vit()
-    images = torch.randn(2, 3, 32, 32)
+    images = _images(2)
     res = cls_attention(vit, images)
     assert res["heads"].shape == (2, 3, 4, 4) and res["rollout"].shape == (2, 4, 4)
     last = attention_maps(vit, images)[-1]
@@ -86,10 +90,10 @@ def test_resnet_and_cls_free_vit_are_clear_errors():
 
     resnet = create_encoder(ModelConfig(encoder="resnet18", small_input=True), 32)
     with pytest.raises(UserError, match="need a ViT encoder"):
-        attention_maps(resnet, torch.randn(1, 3, 32, 32))
+        attention_maps(resnet, _images(1))
     no_cls = _tiny_vit(class_token=False, global_pool="avg")
     with pytest.raises(UserError, match=r"no \[CLS\] token"):
-        cls_attention(no_cls, torch.randn(1, 3, 32, 32))
+        cls_attention(no_cls, _images(1))
 
 
 @pytest.mark.parametrize("flags", [{}, {"stem": "conv"}, {"spt_lsa": True}, {"pos_embed": "sincos"}])
@@ -99,7 +103,7 @@ def test_registered_vit_variants_give_row_stochastic_maps(flags):
 
     torch.manual_seed(0)
     enc = create_encoder(ModelConfig(encoder="vit_pico", **flags), 32)
-    maps = attention_maps(enc, torch.randn(2, 3, 32, 32))
+    maps = attention_maps(enc, _images(2))
     assert len(maps) == len(enc.blocks)
     t = maps[0].shape[-1]
     for a in maps:
@@ -107,5 +111,5 @@ def test_registered_vit_variants_give_row_stochastic_maps(flags):
     if flags.get("spt_lsa"):
         # Lee et al. 2021 sec. 3.2: LSA masks each token's attention to itself.
         assert all(float(a.diagonal(dim1=-2, dim2=-1).abs().max()) == 0.0 for a in maps)
-    res = cls_attention(enc, torch.randn(1, 3, 32, 32))
+    res = cls_attention(enc, _images(1, seed=2))
     assert res["rollout"].numel() == t - 1

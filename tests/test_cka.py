@@ -79,7 +79,7 @@ def test_resnet_layer_features_pool_each_block_and_end_at_the_output():
 
     torch.manual_seed(0)
     enc = create_encoder(ModelConfig(encoder="resnet18", small_input=True), 32).eval()
-    images = torch.randn(5, 3, 32, 32)
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     names, feats = layer_features(enc, images, batch_size=2)
     assert names == ["stem"] + [f"layer{s}.{b}" for s in (1, 2, 3, 4) for b in (0, 1)] + ["output"]
     assert [f.shape for f in feats][1:3] == [torch.Size([5, 64])] * 2 and feats[-2].shape == (5, 512)
@@ -96,7 +96,7 @@ def test_vit_layer_features_average_patch_tokens_without_cls():
     torch.manual_seed(0)
     vit = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3,
                                                            num_heads=3, num_classes=0).train()
-    images = torch.randn(4, 3, 32, 32)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     names, feats = layer_features(vit, images, batch_size=3)
     assert names == ["patch_embed", "block0", "block1", "block2", "output"]
     assert vit.training is True  # restored after the hooked forward ran in eval mode
@@ -115,4 +115,4 @@ def test_vit_layer_features_average_patch_tokens_without_cls():
 
 def test_layer_features_reject_an_unknown_architecture():
     with pytest.raises(UserError, match="ResNet .* or a ViT"):
-        layer_features(torch.nn.Linear(3, 3), torch.randn(2, 3), name="mlp")
+        layer_features(torch.nn.Linear(3, 3), torch.zeros(2, 3), name="mlp")

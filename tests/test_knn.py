@@ -1,8 +1,12 @@
-"""Weighted kNN against a brute-force numpy re-implementation of Wu et al. 2018's vote."""
+"""Weighted kNN against a brute-force numpy re-implementation of Wu et al. 2018's vote, down to the figure
+that `tools/eval.py knn` reports for a saved checkpoint."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 import torch
 
 from fastssl.eval.knn import knn_accuracy, knn_predict
@@ -42,3 +46,91 @@ def test_knn_accuracy_on_clustered_features_is_perfect_and_random_is_near_chance
                          torch.tensor(rng.normal(size=(400, 32))), torch.tensor(yva), 4)
     # chance is 25%; binomial sd over 400 queries is ~2.2 points, so 25 +- 11 is > 4.5 sd
     assert 14 < noise["top1"] < 36
+
+
+def _numpy_topk(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return 100 * np.mean(order[:, 0] == labels), 100 * np.mean([y in o[:5] for y, o in zip(labels, order)])
+
+
+def test_knn_top5_with_twelve_classes_matches_numpy():
+    # With <= 5 classes top-5 is always 100%; 12 overlapping clusters make it an informative number.
+    rng = np.random.default_rng(2)
+    centers = rng.normal(size=(12, 16))
+    ytr, yva = rng.integers(0, 12, 600), rng.integers(0, 12, 150)
+    tr = centers[ytr] + 2.0 * rng.normal(size=(600, 16))
+    va = centers[yva] + 2.0 * rng.normal(size=(150, 16))
+    want = _numpy_knn(tr, ytr, va, 12, 100, 0.07)
+    # Every query's 5th class has votes and beats the 6th by far more than float32 rounding (1e-4 relative), so
+    # the top-5 sets depend neither on precision nor on how ties are broken.
+    srt = -np.sort(-want, axis=1)
+    assert np.all((srt[:, 4] > 0) & (srt[:, 4] - srt[:, 5] > 1e-4 * srt[:, 4]))
+    want1, want5 = _numpy_topk(want, yva)
+    res = knn_accuracy(torch.tensor(tr), torch.tensor(ytr), torch.tensor(va), torch.tensor(yva), 12, k=100)
+    assert res["top1"] == pytest.approx(want1) and res["top5"] == pytest.approx(want5)
+    assert 0 < want1 < want5 < 100  # neither figure is a trivial bound (measured 45.3 and 86.7)
+
+
+def _image_folder(root, per_class: int, seed: int):
+    """Four classes of 32 px JPEGs: grey noise (sd 60) around a class colour only 5 levels off grey, so kNN is
+    neither at chance nor at 100% and its figure depends on the encoder's weights."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, shift in enumerate([(1, -1, 0), (-1, 1, 0), (0, -1, 1), (1, 1, -1)]):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            px = np.clip(128 + 5 * np.array(shift) + rng.normal(0, 60, size=(32, 32, 3)), 0, 255)
+            Image.fromarray(px.astype(np.uint8)).save(root / f"c{c}" / f"{i}.jpg")
+
+
+def test_eval_tool_knn_matches_an_independent_knn_of_the_saved_weights(tmp_path, capsys):
+    from conftest import run_tool
+
+    from fastssl.config import config_from_dict, config_to_dict
+    from fastssl.encoders import create_encoder
+    from fastssl.eval.features import extract_features
+    from tools.eval import main
+
+    _image_folder(tmp_path / "data" / "train", 6, seed=0)
+    _image_folder(tmp_path / "data" / "val", 6, seed=1)
+    cfg = config_from_dict({"model": {"encoder": "vit_pico"}, "data": {"image_size": 32}, "seed": 5})
+    torch.manual_seed(cfg.seed)
+    trained = create_encoder(cfg.model, 32)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # saved weights != the config seed's random init, which --random-init rebuilds
+        for p in trained.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    torch.save({"encoder": trained.state_dict(), "config": config_to_dict(cfg), "step": 4}, ckpt / "encoder.pt")
+    torch.manual_seed(cfg.seed)
+    untrained = create_encoder(cfg.model, 32)
+
+    def oracle_top1(encoder) -> float:
+        """Centre-crop features of `encoder`, then the numpy weighted kNN (k=5, T=0.07) above."""
+        tr, tr_y, _ = extract_features(encoder, str(tmp_path / "data" / "train"), 32, 8, workers=0)
+        va, va_y, _ = extract_features(encoder, str(tmp_path / "data" / "val"), 32, 8, workers=0)
+        scores = _numpy_knn(tr.double().numpy(), tr_y.numpy(), va.double().numpy(), 4, 5, 0.07)
+        srt = -np.sort(-scores, axis=1)  # no query decided by a hair (the tool ran with other thread counts)
+        assert np.all(srt[:, 0] - srt[:, 1] > 1e-4 * srt[:, 0])
+        return _numpy_topk(scores, va_y.numpy())[0]
+
+    args = ["knn", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--k", "5",
+            "--batch-size", "8", "--workers", "0", "--device", "cpu"]
+    proc = run_tool("tools/eval.py", *args, "--json", str(tmp_path / "a.json"))  # as a user runs it
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((tmp_path / "a.json").read_text())
+    assert res["protocol"] == "knn" and res["encoder"] == "vit_pico" and res["random_init"] is False
+    assert main([*args, "--random-init", "--json", str(tmp_path / "b.json")]) == 0  # in-process: no second import
+    rand = json.loads((tmp_path / "b.json").read_text())
+    assert rand["random_init"] is True
+    want, want_rand = oracle_top1(trained), oracle_top1(untrained)
+    assert res["top1"] == pytest.approx(want) and rand["top1"] == pytest.approx(want_rand)
+    assert want != want_rand  # the two runs read different weights, and the figures show it
+
+    capsys.readouterr()
+    for splits in ([], ["--train", str(tmp_path / "data" / "train")]):  # no --data, and --train without --val
+        assert main(["knn", "--checkpoint", str(tmp_path / "run"), *splits]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "pass --data IMAGEFOLDER" in err[0] and "--val" in err[0], err

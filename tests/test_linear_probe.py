@@ -67,7 +67,7 @@ def test_topk_accuracy_matches_numpy_count():
 
 
 def test_probe_is_bn_without_affine_then_linear():
-    probe = LinearProbe(32, 7)
+    probe = LinearProbe(32, 7, generator=torch.Generator().manual_seed(0))
     bn, fc = probe
     assert isinstance(bn, nn.BatchNorm1d) and not bn.affine
     assert fc.out_features == 7 and float(fc.bias.detach().abs().max()) == 0.0
@@ -75,7 +75,8 @@ def test_probe_is_bn_without_affine_then_linear():
 
 
 def test_bad_probe_settings_are_user_errors():
-    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
     for kwargs, frag in [({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"), ({"optimizer": "adam"}, "adam"),
                          ({"batch_size": 1}, "batch size")]:
         with pytest.raises(UserError, match=frag):
@@ -137,8 +138,13 @@ def test_eval_tool_linear_writes_json_for_a_checkpoint_and_its_random_init(tmp_p
     cfg = config_from_dict({"model": {"encoder": "vit_pico"}, "data": {"image_size": 16}})
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000003"
     ckpt.mkdir(parents=True)
-    torch.save({"encoder": create_encoder(cfg.model, 16).state_dict(), "config": config_to_dict(cfg), "step": 3},
-               ckpt / "encoder.pt")
+    torch.manual_seed(cfg.seed)
+    enc = create_encoder(cfg.model, 16)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # saved weights != the config seed's random init, so the two runs load different nets
+        for p in enc.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    torch.save({"encoder": enc.state_dict(), "config": config_to_dict(cfg), "step": 3}, ckpt / "encoder.pt")
     for extra in ([], ["--random-init"]):
         out = tmp_path / f"res{len(extra)}.json"
         proc = run_tool("tools/eval.py", "linear", "--checkpoint", str(tmp_path / "run"), "--data",

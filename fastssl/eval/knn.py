@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastssl.eval.linear import topk_accuracy
+
 
 @torch.no_grad()
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
@@ -24,10 +26,8 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_fea
 
 def knn_accuracy(train_feats, train_labels, val_feats, val_labels, num_classes: int, k: int = 20,
                  temperature: float = 0.07) -> dict[str, float]:
-    scores = knn_predict(train_feats, train_labels, val_feats, num_classes, k, temperature)
-    top = scores.topk(min(5, num_classes), dim=1).indices
-    hit = top == val_labels[:, None]
-    return {"top1": 100.0 * hit[:, 0].float().mean().item(), "top5": 100.0 * hit.any(1).float().mean().item()}
+    """kNN top-1/top-5 (%) of `val_feats` against the memory bank `train_feats`; top-5 is top-C below 5 classes."""
+    return topk_accuracy(knn_predict(train_feats, train_labels, val_feats, num_classes, k, temperature), val_labels)
 
 
 def knn_eval(encoder, train_data, val_data, image_size: int, *, k: int = 20, temperature: float = 0.07,
