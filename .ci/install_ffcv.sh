@@ -8,7 +8,7 @@ set -euo pipefail
 VENV="${1:-.venv}"
 PY="$VENV/bin/python"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-APT_PACKAGES=(pkg-config libturbojpeg0-dev libopencv-dev)
+APT_PACKAGES=(pkg-config libturbojpeg0-dev libopencv-dev g++)  # g++: ffcv's extension, torch.compile on CPU
 
 if [ ! -x "$PY" ]; then
     echo "error: no python at $PY (expected a virtualenv path as the first argument)" >&2

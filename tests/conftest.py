@@ -15,13 +15,24 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 _EXTRA_MODULES = {"dali": "nvidia.dali", "ffcv": "ffcv", "triton": "triton"}
+_EXTRA_PROGRAMS = {"compiler": ("g++", "c++")}  # torch.compile's CPU backend (tests/test_compile.py)
 
 
 def pytest_sessionstart(session):
+    import shutil
+
     import torch
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     for extra in filter(None, os.environ.get("FASTSSL_REQUIRE_EXTRAS", "").split(",")):
+        if extra in _EXTRA_PROGRAMS:
+            if not any(shutil.which(p) for p in _EXTRA_PROGRAMS[extra]):
+                raise pytest.UsageError(f"FASTSSL_REQUIRE_EXTRAS names {extra!r} but none of "
+                                        f"{', '.join(_EXTRA_PROGRAMS[extra])} is on PATH")
+            continue
+        if extra not in _EXTRA_MODULES:
+            raise pytest.UsageError(f"FASTSSL_REQUIRE_EXTRAS names {extra!r}; known: "
+                                    f"{', '.join([*_EXTRA_MODULES, *_EXTRA_PROGRAMS])}")
         try:
             importlib.import_module(_EXTRA_MODULES[extra])
         except ImportError as e:
