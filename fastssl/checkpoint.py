@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from fastssl.errors import UserError
+from fastssl.fileio import write_atomic
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _TMP_DIR = re.compile(r"^\.tmp-step_(\d{8})$")
@@ -27,12 +28,6 @@ ENCODER_FILE = "encoder.pt"
 # read as a legacy pickle). Anything else (TypeError, AttributeError, ...) is a bug and keeps its traceback.
 _UNREADABLE = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError, IndexError,
                struct.error)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -74,7 +69,7 @@ def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, encoder:
             if final.exists():  # re-saving a step (e.g. end of run right after a periodic save)
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _write_atomic(ckpt / "latest", final.name + "\n")
+            write_atomic(ckpt / "latest", final.name + "\n")
             for old in list_checkpoints(run_dir)[:-max(1, keep)]:
                 shutil.rmtree(old, ignore_errors=True)
     finally:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
+
+from fastssl.fileio import write_atomic
 
 
 class MetricsLog:
@@ -38,9 +39,7 @@ def _truncate_after(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and record.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
 class Progress:

@@ -16,14 +16,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from fastssl.losses.dist import rank_and_world
+
 # torch.distributed.nn's all_reduce (the differentiable one GlobalBatchNorm needs) warns that it is deprecated on
 # every call, on every rank; this one notice, and nothing else, is silenced once here, not on the hot path.
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
                         category=FutureWarning)
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class GlobalBatchNorm(nn.BatchNorm1d):
@@ -41,7 +39,7 @@ class GlobalBatchNorm(nn.BatchNorm1d):
             raise ValueError(f"expected 2-D to 5-D input, got {x.dim()}-D")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or _world() == 1:
+        if not self.training or rank_and_world()[1] == 1:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 self.training or not self.track_running_stats, self.momentum or 0.0, self.eps)
         from torch.distributed.nn.functional import all_reduce  # carries gradients back to every rank
@@ -71,7 +69,7 @@ class GlobalBatchNorm(nn.BatchNorm1d):
 
 def convert_global_bn(module: nn.Module, device: torch.device) -> nn.Module:
     """Replace every BatchNorm in `module` by its global-batch version (no-op on one process)."""
-    if _world() == 1:
+    if rank_and_world()[1] == 1:
         return module
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)

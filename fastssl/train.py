@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from fastssl.checkpoint import latest_checkpoint, load_encoder, save_checkpoint
 from fastssl.config import Config, config_to_dict, dump_config
 from fastssl.data.imagefolder import scan_image_folder
 from fastssl.errors import UserError
+from fastssl.fileio import write_atomic
 from fastssl.eval.monitor import KnnMonitor
 from fastssl.methods import build_method
 from fastssl.methods.base import LossOutput
@@ -81,12 +81,6 @@ def _knn_sets(cfg: Config):
         raise UserError(f"eval.knn_train_path {train_path!r} is not an ImageFolder directory (set it when "
                         f"data.path is not one)")
     return scan_image_folder(train_path), scan_image_folder(cfg.eval.knn_val_path)
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def make_accelerator(cfg: Config):
@@ -290,7 +284,7 @@ def train(cfg: Config) -> dict:
             rand, _ = load_encoder(run_dir, random_init=True)
             base = knn_eval(rand.to(accelerator.device), *knn_sets, cfg.data.image_size, **kw)
             summary.update({"knn_top1_random_init": base["top1"], "knn_top5_random_init": base["top5"]})
-    _write_json_atomic(run_dir / "summary.json", summary)
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     lines = [f"trained {state.step} steps in {wall:.0f} s, {summary['images_per_s']:.1f} images/s"]
     if "knn_top1" in summary:
         lines.append(f"kNN top-1 (k={cfg.eval.knn_k}): {summary['knn_top1']:.2f}% trained"

@@ -19,7 +19,7 @@ Semantics (what every backend must reproduce; they are torchvision's, applied pe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from fastssl.errors import UserError
 

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import ROOT, assert_user_error, run_tool
 from fastssl.bench import loss as bench_loss
-from fastssl.bench.record import SCHEMA_FIELDS, VERSION_KEYS, BenchRecord, new_record, write_atomic
+from fastssl.bench.record import SCHEMA_FIELDS, VERSION_KEYS, BenchRecord, new_record
+from fastssl.fileio import write_atomic
 from fastssl.errors import UserError
 
 

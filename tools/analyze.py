@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastssl.analysis.plots import check_png_path  # noqa: E402
 from fastssl.errors import UserError, cli_main  # noqa: E402
+from fastssl.fileio import write_atomic  # noqa: E402
 
 
 def _default_device() -> str:
@@ -139,10 +139,7 @@ def _attention(args) -> str:
 
 
 def _write_json(path: str, obj: dict) -> None:
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, p)
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _image_args(p: argparse.ArgumentParser, default_n: int) -> None:

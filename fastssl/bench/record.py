@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import fastssl
 from fastssl.errors import UserError
+from fastssl.fileio import write_atomic
 
 SCHEMA_FIELDS = ("tool_version", "git_commit", "device", "versions", "kind", "config", "figures")
 VERSION_KEYS = ("torch", "cuda", "triton", "dali", "ffcv")
@@ -58,20 +58,6 @@ class BenchRecord:
 def new_record(kind: str, config: dict[str, Any], figures, device: str) -> BenchRecord:
     """A record stamped with this checkout, machine and package versions."""
     return BenchRecord(fastssl.__version__, git_commit(), device, package_versions(), kind, config, figures)
-
-
-def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write next to `path` and rename into place: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def git_commit() -> str:

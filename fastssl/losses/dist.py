@@ -12,8 +12,8 @@ averages parameter gradients over the R ranks, which divides that factor R away 
 exactly dL/dtheta of the single-process run. Equal local batch sizes are required (all_gather's contract;
 the loaders drop the last incomplete batch).
 
-This file and the shuffle-BN helper are the only places that call torch.distributed; on one process (or
-when torch.distributed is not initialised) everything here is the identity.
+On one process (or when torch.distributed is not initialised) everything here is the identity;
+`rank_and_world` is the one place the library asks torch.distributed for its rank and size.
 """
 
 from __future__ import annotations
