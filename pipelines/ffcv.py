@@ -104,6 +104,7 @@ class FFCVViewLoader:
         self.loader.traversal_order = _PlannedOrder(self)
         self._planned = np.zeros(0, dtype=np.int64)
         self.epoch, self.start_batch = 0, 0
+        self._copied: torch.cuda.Event | None = None  # the last batch's device copies (GPU only)
 
     def __len__(self) -> int:
         return steps_per_epoch(self.num_samples, self.global_batch, self.drop_last)
@@ -147,6 +148,11 @@ class FFCVViewLoader:
         epoch_iterator = iter(self.loader)
         try:
             for k in range(len(todo)):
+                if self._copied is not None:
+                    # Taking the next batch lets ffcv's decode thread refill the previous batch's slot, with
+                    # host writes that no CUDA stream orders: its device copy must have run by then.
+                    self._copied.synchronize()
+                    self._copied = None
                 out = dict(zip(self._outputs, _next_batch(epoch_iterator)))
                 index_label = out[LABEL_FIELD]
                 if k == 0:
@@ -160,10 +166,15 @@ class FFCVViewLoader:
         self.start_batch = 0
 
     def _views(self, out: dict, idx: np.ndarray, labels: np.ndarray, epoch: int, step: int) -> ViewBatch:
-        # The regions are slots of ffcv's ring buffer: copied to the device (or consumed by make_view on
-        # the CPU) before this batch is yielded, so ffcv may refill them.
+        # The regions are slots of ffcv's ring buffer (pinned memory): on the CPU make_view consumes them before
+        # this batch is yielded; to a GPU they are copied asynchronously, and the event recorded after the
+        # copies is waited for before ffcv may refill the slot (see __iter__).
         def to_device(region):
-            return torch.from_numpy(region).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+            region = torch.from_numpy(region).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+            if self.device.type == "cuda":
+                self._copied = torch.cuda.Event()
+                self._copied.record()
+            return region
 
         g = torch.Generator(device=self.device)
         g.manual_seed(batch_seed(self.ctx.seed, epoch, step, self.ctx.process_index))
