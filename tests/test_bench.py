@@ -153,28 +153,56 @@ def test_ratio_and_wait_arithmetic_hand_computed():
             fn(*args)
 
 
-def test_time_steps_splits_injected_data_wait_from_compute():
-    # Oracle: sleeps of known length. Each fetch sleeps 30 ms and each step 10 ms, 5 timed steps: 150 ms of
-    # data wait and 50 ms of compute. A sleep never returns early and overshoots by at most a few ms even on
-    # a loaded machine, so the bounds are [exact, exact + 10 ms per call].
-    fetch_s, compute_s, steps = 0.03, 0.01, 5
+def _fake_batch():
+    return ViewBatch((torch.zeros(4, 3, 2, 2), torch.zeros(4, 3, 2, 2)), torch.zeros(4), torch.arange(4))
+
+
+def test_time_steps_splits_injected_data_wait_from_compute(monkeypatch):
+    # Oracle: a fake clock that only the injected fetch and step advance, so the split is exact arithmetic and
+    # no sleep overshoot on a loaded machine can move it. The step and the timed window read
+    # time.perf_counter through their modules' `time`; both get the fake one.
+    from types import SimpleNamespace
+
+    from fastssl.bench import timing
+
+    now = [1000.0]
+    fake_time = SimpleNamespace(perf_counter=lambda: now[0])
+    monkeypatch.setattr(bench_step, "time", fake_time)
+    monkeypatch.setattr(timing, "time", fake_time)
+    fetch_s, compute_s, steps = 0.03, 0.01, 5  # unequal, so a swapped or merged split cannot pass
     fetched = []
 
     def batches():
         while True:
-            time.sleep(fetch_s)
+            now[0] += fetch_s
             fetched.append(1)
-            yield ViewBatch((torch.zeros(4, 3, 2, 2), torch.zeros(4, 3, 2, 2)), torch.zeros(4), torch.arange(4))
+            yield _fake_batch()
 
     def step(batch):
-        time.sleep(compute_s)
+        now[0] += compute_s
 
     times, window = bench_step.time_steps(batches(), step, steps, warmup=2, device=torch.device("cpu"))
     assert len(fetched) == 2 + steps and times.images == 4 * steps
-    assert steps * fetch_s <= times.data_wait_s <= steps * (fetch_s + 0.01)
-    assert steps * compute_s <= times.compute_s <= steps * (compute_s + 0.01)
-    assert times.data_wait_s + times.compute_s <= times.wall_s <= times.data_wait_s + times.compute_s + 0.05
+    assert times.data_wait_s == pytest.approx(steps * fetch_s, abs=1e-9)
+    assert times.compute_s == pytest.approx(steps * compute_s, abs=1e-9)
+    assert times.wall_s == pytest.approx(steps * (fetch_s + compute_s), abs=1e-9)  # warm-up steps not timed
     assert times.wall_s == window.wall_s
+
+
+def test_time_steps_reads_the_real_clock():
+    # The same split with real sleeps, asserting only what a loaded machine cannot break: a sleep never returns
+    # early, so each figure is at least its sleeps' total (and the window at least their sum).
+    fetch_s, compute_s, steps = 0.02, 0.01, 3
+
+    def batches():
+        while True:
+            time.sleep(fetch_s)
+            yield _fake_batch()
+
+    times, window = bench_step.time_steps(batches(), lambda b: time.sleep(compute_s), steps, warmup=1,
+                                          device=torch.device("cpu"))
+    assert times.data_wait_s >= steps * fetch_s and times.compute_s >= steps * compute_s
+    assert times.wall_s >= times.data_wait_s + times.compute_s and times.wall_s == window.wall_s
 
 
 def test_flop_count_matches_closed_forms():

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from test_convert_ffcv import make_image_folder, source_samples
+from test_ops import box_features, ks_critical, ks_statistic
 
 ffcv = pytest.importorskip("ffcv")
 pytestmark = pytest.mark.ffcv
@@ -131,37 +132,39 @@ def test_per_view_decode_cuts_each_view_box_exactly(data, monkeypatch):
 
 
 def test_crop_boxes_follow_torchvision_per_view(raw_loader):
-    """Each view's boxes have torchvision RandomResizedCrop's area and aspect distribution for its own spec."""
+    """Each view's boxes have torchvision RandomResizedCrop's distribution for its own spec: two-sample KS on
+    area, log-aspect and both centre coordinates (as test_ops does for ops.sample_crop_boxes itself)."""
     from torchvision.transforms import RandomResizedCrop
 
     from pipelines.augment import AugmentSpec, ViewSpec
 
     spec = AugmentSpec(16, (ViewSpec(crop_scale=(0.08, 1.0)), ViewSpec(crop_scale=(0.5, 1.0), crop_ratio=(0.5, 2.0))))
-    loader = make_loader(raw_loader.path, spec=spec)  # no iteration: draw_boxes is plain numpy
+    loader = make_loader(raw_loader.path, spec=spec)  # no iteration: draw_boxes is plain numpy, seeded (7, epoch)
     epochs = 150
-    area, logr = {0: [], 1: []}, {0: [], 1: []}
+    ours, hws = {0: [], 1: []}, []
     for e in range(epochs):
         idx = np.concatenate(loader.epoch_batches(e))
         loader.draw_boxes(e, idx)
+        hws.append(np.stack([loader.heights[idx], loader.widths[idx]], 1))
         for v in (0, 1):
             b = loader.view_boxes[idx, v]
             assert (b[:, :2] >= 0).all() and (b[:, 0] + b[:, 2] <= loader.heights[idx]).all()
             assert (b[:, 1] + b[:, 3] <= loader.widths[idx]).all()
-            area[v].append(b[:, 2] * b[:, 3] / (loader.heights[idx] * loader.widths[idx]))
-            logr[v].append(np.log(b[:, 3] / b[:, 2]))
+            ours[v].append(b)
+    hw = np.concatenate(hws).astype(np.float64)
+    sizes = list(zip(loader.heights.tolist(), loader.widths.tolist()))
+    ref_hw = np.array(sizes * epochs, dtype=np.float64)  # every epoch covers each image once, as ours
+    assert sorted(map(tuple, hw.tolist())) == sorted(map(tuple, ref_hw.tolist()))
     torch.manual_seed(0)
     for v, view in enumerate(spec.views):
-        ref_area, ref_logr = [], []
-        for _ in range(epochs):
-            for h, w in zip(loader.heights, loader.widths):
-                y, x, bh, bw = RandomResizedCrop.get_params(torch.empty(1, h, w), view.crop_scale, view.crop_ratio)
-                ref_area.append(bh * bw / (h * w))
-                ref_logr.append(math.log(bw / bh))
-        for ours, ref in ((np.concatenate(area[v]), np.array(ref_area)), (np.concatenate(logr[v]), np.array(ref_logr))):
-            # Two independent samples of n = 3600: the difference of means has sd sqrt(s1^2/n + s2^2/n);
-            # 5 sd keeps the false-failure rate below 1e-6 per comparison.
-            sd = math.sqrt(ours.var() / len(ours) + ref.var() / len(ref))
-            assert abs(ours.mean() - ref.mean()) < 5 * sd, (v, ours.mean(), ref.mean())
+        ref = np.array([RandomResizedCrop.get_params(torch.empty(1, h, w), list(view.crop_scale), list(view.crop_ratio))
+                        for h, w in sizes * epochs], dtype=np.float64)
+        fo = box_features(np.concatenate(ours[v]).astype(np.float64), hw)
+        fr = box_features(ref, ref_hw)
+        n, m = len(hw), len(ref_hw)  # 3600 each
+        for key in fo:  # area, log_aspect, centre_y, centre_x
+            d = ks_statistic(fo[key], fr[key])
+            assert d < ks_critical(n, m), (v, key, d, ks_critical(n, m))
 
 
 def test_grayscale_rate_matches_the_spec(raw_loader):
@@ -235,9 +238,9 @@ def test_bad_settings_are_user_errors(data, tmp_path):
 
     cases = [
         (DataConfig(backend="ffcv", path=str(tmp_path / "no.beton"), batch_size=8), ctx(), "no.beton does not exist"),
-        (DataConfig(backend="ffcv", path=raw, batch_size=7), ctx(), "multiple of the number of processes"),
+        (DataConfig(backend="ffcv", path=raw, batch_size=7), ctx(), "positive multiple of the 2 processes"),
         (DataConfig(backend="ffcv", path=raw, batch_size=32), ctx(), "fewer than one global batch"),
-        (DataConfig(backend="ffcv", path=raw, batch_size=10, drop_last=False), ctx(5), "last batch of 4"),
+        (DataConfig(backend="ffcv", path=raw, batch_size=10, drop_last=False), ctx(5), "last global batch of 4 images"),
         (DataConfig(backend="ffcv", path=raw, batch_size=8, ffcv_order="shuffled"), ctx(), "ffcv_order"),
         (DataConfig(backend="ffcv", path=raw, batch_size=8, ffcv_decode="twice"), ctx(), "ffcv_decode"),
         (DataConfig(backend="ffcv", path=raw, batch_size=8, device="tpu"), ctx(), "data.device='tpu'"),

@@ -56,8 +56,8 @@ def test_groups_exclude_frozen_and_keep_1d_params_undecayed():
         assert ids[id(p)]["weight_decay"] == 0.0 and not ids[id(p)]["adapt"]
 
 
-def test_lars_matches_moco_v3_pseudocode():
-    lr, mom, eta = 0.5, 0.9, 0.001
+def _lars_reference(lr, mom, eta):
+    """MoCo v3's LARS pseudo-code in float64: ref(p, g, state, t, wd, adapt) -> next p."""
 
     def ref(p, g, st, t, wd, adapt):
         d = g + wd * p
@@ -67,11 +67,11 @@ def test_lars_matches_moco_v3_pseudocode():
         st["mu"] = mom * st.get("mu", 0.0) + d
         return p - lr * st["mu"]
 
-    _run(lambda g: LARS(g, lr=lr, momentum=mom, trust_coefficient=eta), ref)
+    return ref
 
 
-def test_lamb_matches_you_et_al_algorithm_2():
-    lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-6
+def _lamb_reference(lr, b1, b2, eps):
+    """You et al. 2020 algorithm 2 (LAMB) in float64, same signature as _lars_reference's."""
 
     def ref(p, g, st, t, wd, adapt):
         st["m"] = b1 * st.get("m", 0.0) + (1 - b1) * g
@@ -82,7 +82,17 @@ def test_lamb_matches_you_et_al_algorithm_2():
             r = r * (pn / rn if pn > 0 and rn > 0 else 1.0)
         return p - lr * r
 
-    _run(lambda g: LAMB(g, lr=lr, betas=(b1, b2), eps=eps), ref)
+    return ref
+
+
+def test_lars_matches_moco_v3_pseudocode():
+    lr, mom, eta = 0.5, 0.9, 0.001
+    _run(lambda g: LARS(g, lr=lr, momentum=mom, trust_coefficient=eta), _lars_reference(lr, mom, eta))
+
+
+def test_lamb_matches_you_et_al_algorithm_2():
+    lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-6
+    _run(lambda g: LAMB(g, lr=lr, betas=(b1, b2), eps=eps), _lamb_reference(lr, b1, b2, eps))
 
 
 @pytest.mark.parametrize("name", ["lars", "lamb", "adamw", "sgd"])
@@ -97,13 +107,13 @@ def test_build_optimizer_leaves_frozen_params_untouched(name):
         assert all(g["weight_decay"] == 0.0 for g in opt.param_groups if any(p.ndim <= 1 for p in g["params"]))
 
 
-def _whole_model_against(m, opt, update, steps=4):
+def _whole_model_against(m, opt, update, steps=4, grad_scale=1.0):
     """Run `opt` on all of m's trainable parameters with seeded gradients; `update(i, p, g, t)` is the float64
     reference step of parameter i (p its reference value), holding any state it needs itself."""
     params = [p for p in m.parameters() if p.requires_grad]
     ref = [p.detach().double().numpy().copy() for p in params]
     for t in range(1, steps + 1):
-        gs = _grads(t, [p.shape for p in params])
+        gs = [grad_scale * g for g in _grads(t, [p.shape for p in params])]
         for p, g in zip(params, gs):
             p.grad = torch.tensor(g, dtype=p.dtype)
         opt.step()
@@ -143,3 +153,37 @@ def test_sgd_is_mocos_momentum_sgd_with_decay_on_every_parameter():
         return p - lr * vel[i]
 
     _whole_model_against(m, opt, update)
+
+
+# Non-default recipe values, each far enough from LARS's/LAMB's constructor defaults (momentum 0.9, eta 1e-3,
+# betas (0.9, 0.999), weight decay 0) that a field dropped on the way from OptimConfig changes the step.
+# LAMB's eps is not a recipe field: build_optimizer must leave You et al.'s 1e-6.
+_RECIPE_FIELDS = dict(momentum=0.7, trust_coefficient=0.02, betas=(0.8, 0.95), weight_decay=0.05)
+
+
+@pytest.mark.parametrize("name", ["lars", "lamb"])
+def test_build_optimizer_passes_the_recipe_fields_through(name):
+    """Built from a recipe, LARS/LAMB take the same steps as the float64 oracles given those fields, with
+    decay and trust-ratio adaptation on weight matrices only (SimCLR appendix B.1, MoCo v3's LARS: biases
+    and norm parameters excluded, decided here by ndim, not read from the optimiser)."""
+    # optim.lr is the base lr of a batch of 256; build_optimizer is handed the scaled one and must use that.
+    cfg = OptimConfig(name=name, lr=123.0, **_RECIPE_FIELDS)
+    lr = 0.05 if name == "lars" else 0.01
+    m = _model()
+    opt = build_optimizer(cfg, m, lr=lr)
+    assert type(opt) is (LARS if name == "lars" else LAMB)
+    if name == "lars":
+        ref_step = _lars_reference(lr, cfg.momentum, cfg.trust_coefficient)
+    else:
+        ref_step = _lamb_reference(lr, *cfg.betas, eps=1e-6)
+    params = [p for p in m.parameters() if p.requires_grad]
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in params}  # frozen excluded
+    assert any(p.ndim <= 1 for p in params) and any(p.ndim > 1 for p in params)
+    states = [dict() for _ in params]
+
+    def update(i, p, g, t):
+        matrix = params[i].ndim > 1
+        return ref_step(p, g, states[i], t, cfg.weight_decay if matrix else 0.0, matrix)
+
+    # LAMB's gradients at 1e-6, the size of its eps, so the eps in the step is visible at the test's rtol.
+    _whole_model_against(m, opt, update, grad_scale=1.0 if name == "lars" else 1e-6)

@@ -233,3 +233,70 @@ def test_unknown_init_is_a_config_error():
         check_model_config(ModelConfig(encoder="resnet18", init="moco"))
     with pytest.raises(UserError, match="model.zero_init_residual=False is a ResNet option"):
         check_model_config(ModelConfig(encoder="vit_small", zero_init_residual=False))
+
+
+def _pico(drop_path: float, **model) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_encoder(ModelConfig(encoder="vit_pico", patch_size=4, drop_path=drop_path, **model), 16)
+
+
+def _branch_drop_rates(enc) -> list[tuple[float, float]]:
+    """(attention, MLP) residual-branch drop probability of each block; an Identity (rate 0) counts as 0."""
+    from timm.layers import DropPath
+
+    return [tuple(m.drop_prob if isinstance(m, DropPath) else 0.0 for m in (b.drop_path1, b.drop_path2))
+            for b in enc.blocks]
+
+
+@pytest.mark.parametrize("variant", [{}, dict(stem="conv")])
+def test_drop_path_rate_rises_linearly_over_the_blocks(variant):
+    # Stochastic depth's linear decay rule (Huang et al. 2016 sec. 3) as timm and DeiT apply it: block l of L
+    # drops both its residual branches with probability drop_path * l / (L - 1), 0 for the first block.
+    enc = _pico(0.3, **variant)
+    depth = len(enc.blocks)
+    expect = np.linspace(0.0, 0.3, depth)
+    assert depth == 4 - bool(variant)
+    np.testing.assert_allclose(np.array(_branch_drop_rates(enc)), np.stack([expect, expect], 1), atol=1e-7)
+    assert _branch_drop_rates(_pico(0.0, **variant)) == [(0.0, 0.0)] * depth
+
+
+def test_drop_path_drops_whole_residual_branches_per_sample_at_each_blocks_rate():
+    # Stochastic depth (Huang et al. 2016), timm's inverted form: in training each sample's residual branch
+    # is either dropped (exactly 0) or kept and scaled by 1 / (1 - p), independently per sample, with
+    # P(drop) = p. Binomial tolerance: n = 512 samples per branch, 4.5 sd.
+    from timm.layers import DropPath
+
+    enc = _pico(0.6).train()
+    n, seen = 512, []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append((mod.drop_prob, inp[0], out)))
+             for m in enc.modules() if isinstance(m, DropPath)]
+    assert len(hooks) == 2 * (len(enc.blocks) - 1)  # the first block's rate is 0: no DropPath at all
+    with torch.no_grad():
+        enc(torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    for h in hooks:
+        h.remove()
+    assert len(seen) == len(hooks)
+    for p, x, y in seen:
+        dropped = (y == 0).flatten(1).all(1)
+        assert (x != 0).flatten(1).any(1).all()  # a zero row in y is a drop, not a zero branch
+        torch.testing.assert_close(y[~dropped], x[~dropped] / (1 - p), rtol=1e-6, atol=1e-6)
+        rate = dropped.float().mean().item()
+        assert abs(rate - p) <= 4.5 * math.sqrt(p * (1 - p) / n), (p, rate)
+
+
+def test_drop_path_is_stochastic_in_training_and_off_in_eval():
+    enc, plain = _pico(0.5), _pico(0.0)
+    plain.load_state_dict(enc.state_dict())  # the same weights; stochastic depth has no parameters
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)).expand(16, -1, -1, -1)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        enc.train()
+        a, b = enc(x), enc(x)
+        enc.eval()
+        plain.eval()
+        e1, e2, ref = enc(x), enc(x), plain(x)
+    assert not torch.allclose(a, b)  # a fresh draw every forward
+    # 16 copies of one image: a per-batch draw would give 16 equal rows; per-sample draws give several.
+    assert len({tuple(r) for r in a.round(decimals=4).tolist()}) > 1
+    assert torch.equal(e1, e2)  # eval: deterministic ...
+    torch.testing.assert_close(e1, ref, rtol=0, atol=0)  # ... and exactly the network without stochastic depth

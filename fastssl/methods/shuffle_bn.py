@@ -17,18 +17,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
-def world() -> tuple[int, int]:
-    """(rank, number of processes); (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from fastssl.losses.dist import rank_and_world
 
 
 @torch.no_grad()
 def gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x from every process in rank order, without gradient (keys are constants to MoCo)."""
-    _, size = world()
+    _, size = rank_and_world()
     if size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(size)]
@@ -39,7 +34,7 @@ def gather(x: torch.Tensor) -> torch.Tensor:
 def shuffle_order(n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
     """A random permutation of the global batch, the same on every process (rank 0's is broadcast)."""
     perm = torch.randperm(n, device="cpu", generator=generator).to(device)
-    _, size = world()
+    _, size = rank_and_world()
     if size > 1:
         dist.broadcast(perm, src=0)
     return perm
@@ -58,7 +53,7 @@ def shuffled_forward(module: nn.Module, x: torch.Tensor, splits: int,
     `splits` is the number of BN groups over the global batch (MoCo's 8 GPUs at batch 256); with P
     processes each one splits its shuffled share into max(1, splits // P) groups.
     """
-    rank, size = world()
+    rank, size = rank_and_world()
     x_all = gather(x)
     perm = shuffle_order(x_all.shape[0], x.device, generator)
     mine = perm.view(size, -1)[rank]
