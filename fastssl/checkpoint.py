@@ -128,11 +128,16 @@ def load_encoder(path: str | os.PathLike, *, random_init: bool = False):
         torch.manual_seed(cfg.seed)
         encoder = create_encoder(cfg.model, cfg.data.image_size)
     if not random_init:
-        missing, unexpected = encoder.load_state_dict(ckpt["encoder"], strict=False)
-        if missing or unexpected:
+        mismatch = ""
+        try:
+            missing, unexpected = encoder.load_state_dict(ckpt["encoder"], strict=False)
+            if missing or unexpected:
+                mismatch = f"{len(missing)} missing and {len(unexpected)} unexpected tensors"
+        except RuntimeError as e:  # same names, other shapes (e.g. a resnet18's weights, a resnet50 config)
+            mismatch = f"{str(e).count('size mismatch')} tensors of another shape"
+        if mismatch:
             raise UserError(f"checkpoint {str(path)!r} ({cfg.method.name} run) holds {_describe(ckpt['encoder'])} "
-                            f"weights, which do not fit its config's encoder {cfg.model.encoder!r}: "
-                            f"{len(missing)} missing and {len(unexpected)} unexpected tensors")
+                            f"weights, which do not fit its config's encoder {cfg.model.encoder!r}: {mismatch}")
     return encoder.eval(), cfg
 
 

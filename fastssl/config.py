@@ -268,6 +268,8 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"recipe {str(p)!r} is a directory; expected a YAML file (see recipes/)")
     if not p.is_file():
         raise UserError(f"recipe file {str(p)!r} does not exist")
     try:

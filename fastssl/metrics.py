@@ -11,14 +11,15 @@ from fastssl.fileio import write_atomic
 
 
 class MetricsLog:
-    """Appends one JSON record per line. On resume (resume_step: the checkpoint's step) the records after that
-    step, which the resumed run writes again, and a line cut short by a crash are dropped first."""
+    """One JSON record per line. A new run starts the file afresh (a run restarted before its first checkpoint
+    leaves nothing to keep); on resume (resume_step: the checkpoint's step) the records after that step, which
+    the resumed run writes again, and a line cut short by a crash are dropped first."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
         self.enabled = enabled
         if enabled and resume_step is not None and path.exists():
             _truncate_after(path, resume_step)
-        self._f = open(path, "a") if enabled else None
+        self._f = open(path, "w" if resume_step is None else "a") if enabled else None
 
     def write(self, record: dict) -> None:
         if self._f is not None:

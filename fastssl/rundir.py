@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from fastssl.checkpoint import latest_checkpoint
@@ -24,6 +25,23 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def check_writable(path: Path, option: str) -> None:
+    """The folder `path` exists writable, or can be created: its nearest existing ancestor is a writable folder.
+    Checked before any work, so a typo in a path does not surface as a traceback after hours of training."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{option} {str(path)!r} cannot be created: {str(probe)!r} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {str(path)!r} cannot be created: {str(probe)!r} is not writable")
+
+
+def stopped_before_first_checkpoint(run: Path) -> bool:
+    """A run that died before saving anything to continue from: the trainer may start it again in place."""
+    return (run / "config.yaml").is_file() and latest_checkpoint(run) is None and not (run / "summary.json").exists()
+
+
 def prepare_run_dir(cfg: Config) -> tuple[Config, Path, bool]:
     """Returns (config, run directory, resuming). Raises UserError before anything is written."""
     if cfg.resume:
@@ -38,12 +56,14 @@ def prepare_run_dir(cfg: Config) -> tuple[Config, Path, bool]:
             raise UserError(f"resume={cfg.resume!r} was run with a different config ({'; '.join(diffs)}); "
                             f"resume with the same recipe and overrides")
         if latest_checkpoint(run) is None:
-            raise UserError(f"resume={cfg.resume!r} holds no checkpoint yet; start it again without resume")
+            raise UserError(f"resume={cfg.resume!r} holds no checkpoint yet; start it again without resume "
+                            f"(output_dir={cfg.resume})")
         return dataclasses.replace(cfg, output_dir=str(run)), run, True
     run = Path(cfg.output_dir)
     if run.exists() and not run.is_dir():
         raise UserError(f"output_dir {cfg.output_dir!r} exists and is not a directory")
-    if run.is_dir() and any(run.iterdir()):
+    check_writable(run, "output_dir")
+    if run.is_dir() and any(run.iterdir()) and not stopped_before_first_checkpoint(run):
         raise UserError(f"output_dir {cfg.output_dir!r} already holds a run; pass resume={cfg.output_dir} to "
                         f"continue it, or choose another output_dir")
     return cfg, run, False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,8 @@ from fastssl.methods import build_method
 from fastssl.methods.base import LossOutput
 from fastssl.metrics import MetricsLog, Progress
 from fastssl.optim import build_optimizer
-from fastssl.rundir import prepare_run_dir
+from fastssl.recipe_checks import check_values
+from fastssl.rundir import prepare_run_dir, stopped_before_first_checkpoint
 from fastssl.schedule import lr_at, scaled_lr
 from fastssl.sync_bn import convert_global_bn
 
@@ -74,12 +76,20 @@ def _knn_sets(cfg: Config):
     """Scan the kNN folders up front: a wrong path fails before training, not after it."""
     if not cfg.eval.knn_val_path:
         return None
-    train_path = cfg.eval.knn_train_path or cfg.data.path
-    if not cfg.eval.knn_train_path and not Path(train_path).exists():  # the user's mistake is data.path
-        raise UserError(f"data.path {train_path!r} does not exist")
-    if not Path(train_path).is_dir():
-        raise UserError(f"eval.knn_train_path {train_path!r} is not an ImageFolder directory (set it when "
-                        f"data.path is not one)")
+    if cfg.eval.knn_train_path:
+        if not Path(cfg.eval.knn_train_path).is_dir():
+            raise UserError(f"eval.knn_train_path {cfg.eval.knn_train_path!r} is not an ImageFolder directory")
+        train_path = cfg.eval.knn_train_path
+    else:  # the memory bank defaults to the training data: the user's mistake is data.path
+        train_path = cfg.data.path
+        if not train_path:
+            raise UserError("data.path is empty; expected the training data (an ImageFolder root, a DALI shard "
+                            "folder or a .beton)")
+        if not Path(train_path).exists():
+            raise UserError(f"data.path {train_path!r} does not exist")
+        if not Path(train_path).is_dir():
+            raise UserError(f"data.path {train_path!r} is not an ImageFolder directory, and the kNN evaluation's "
+                            f"memory bank defaults to it; set eval.knn_train_path to one")
     return scan_image_folder(train_path), scan_image_folder(cfg.eval.knn_val_path)
 
 
@@ -148,6 +158,8 @@ def optimizer_step(method, optimizer, accelerator, batch: ViewBatch, grad_accum:
 def train(cfg: Config) -> dict:
     from accelerate.utils import set_seed
 
+    check_values(cfg)
+    restarting = not cfg.resume and stopped_before_first_checkpoint(Path(cfg.output_dir))
     cfg, run_dir, resuming = prepare_run_dir(cfg)
     if cfg.train.grad_accum != 1 and not cfg.train.allow_grad_accum:
         raise UserError(f"train.grad_accum={cfg.train.grad_accum} changes the negatives of a contrastive loss "
@@ -183,17 +195,38 @@ def train(cfg: Config) -> dict:
     state = TrainState()
     accelerator.register_for_checkpointing(state)
 
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if main and restarting:
+        print(f"output_dir {str(run_dir)!r} holds a run stopped before its first checkpoint: starting it again",
+              flush=True)
     if resuming:
-        accelerator.load_state(str(latest_checkpoint(run_dir)))
+        checkpoint = latest_checkpoint(run_dir)
+        try:
+            accelerator.load_state(str(checkpoint))
+        except (RuntimeError, OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot resume from {str(checkpoint)!r} ({why}); its files are incomplete or "
+                            f"corrupt: remove that step folder to resume from the one before") from None
         if main and state.world_size != world:
             print(f"resuming a run saved on {state.world_size} process(es) on {world}: same global batch "
                   f"{cfg.data.batch_size}, so the same images in each step and the same loss over them; the "
                   f"random views and per-process BN groups are drawn per process, so they differ", flush=True)
     state.world_size = world
     accelerator.wait_for_everyone()
+    stop_at = cfg.train.stop_after_steps if 0 < cfg.train.stop_after_steps < total else total
+    if resuming and state.step >= stop_at:  # nothing to train: leave the checkpoint and summary as they are
+        if main:
+            print(f"{run_dir} is already at step {state.step} of {total}"
+                  + ("" if state.step >= total else f" (train.stop_after_steps={cfg.train.stop_after_steps})")
+                  + "; nothing to do", flush=True)
+        if state.step >= total and (run_dir / "summary.json").is_file():
+            return json.loads((run_dir / "summary.json").read_text())
+        return {"stopped_at_step": state.step}
+    if main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(run_dir / "config.yaml", dump_config(cfg))
+        except OSError as e:  # what check_writable cannot foresee (e.g. /proc, which even root cannot write)
+            raise UserError(f"output_dir {str(run_dir)!r} cannot be written: {e.strerror}") from None
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main, resume_step=state.step if resuming else None)
     progress = Progress(total, state.step, enabled=main and cfg.train.progress)
@@ -210,7 +243,6 @@ def train(cfg: Config) -> dict:
                            "only its own samples, not the global batch")
     unwrapped = accelerator.unwrap_model(method)
     config_dict = config_to_dict(cfg)
-    stop_at = cfg.train.stop_after_steps if 0 < cfg.train.stop_after_steps < total else total
     t_start = t_window = time.time()
     window_steps = 0
     throughput = []
@@ -263,6 +295,12 @@ def train(cfg: Config) -> dict:
             print(f"stopped at step {state.step} of {total} (train.stop_after_steps); continue with "
                   f"resume={run_dir}", flush=True)
         return {"stopped_at_step": state.step}
+    if main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(run_dir / "config.yaml", dump_config(cfg))
+        except OSError as e:  # what check_writable cannot foresee (e.g. /proc, which even root cannot write)
+            raise UserError(f"output_dir {str(run_dir)!r} cannot be written: {e.strerror}") from None
 
     # Skip the first logging window in the mean: it pays worker start-up and allocator warm-up.
     summary = {"steps": state.step, "wall_s": round(wall, 1),

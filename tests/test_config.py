@@ -75,3 +75,42 @@ def test_cli_print_config_and_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: [1, 2\n")
     assert_user_error(run_tool("tools/train.py", str(bad)), "bad.yaml", "YAML")
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("optim.lr=-1", "optim.lr=-1.0; expected a finite number > 0"),
+    ("optim.lr=nan", "optim.lr=nan"),
+    ("optim.weight_decay=-1", "optim.weight_decay=-1.0; expected a finite number >= 0"),
+    ("optim.momentum=5", "optim.momentum=5.0; expected in [0, 1)"),
+    ("optim.warmup_epochs=-1", "optim.warmup_epochs=-1.0"),
+    ("optim.betas=[0.9,1.5]", "optim.betas=[0.9, 1.5]"),
+    ("train.log_every=0", "train.log_every=0; expected >= 1"),
+    ("train.grad_accum=0", "train.grad_accum=0; expected >= 1"),
+    ("train.max_steps=-3", "train.max_steps=-3"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints=0"),
+    ("train.checkpoint_every=-1", "train.checkpoint_every=-1"),
+    ("method.proj_dim=0", "method.proj_dim=0"),
+    ("eval.knn_k=0", "eval.knn_k=0"),
+    ("eval.knn_t=0", "eval.knn_t=0.0"),
+    ("output_dir=", "output_dir is empty"),
+])
+def test_out_of_range_values_are_one_line_errors(override, fragment):
+    from fastssl.recipe_checks import check_values
+
+    check_values(load_config(ROOT / "recipes/simclr_resnet18_synthetic.yaml"))  # the recipe itself passes
+    with pytest.raises(UserError) as e:
+        check_values(load_config(ROOT / "recipes/simclr_resnet18_synthetic.yaml", [override]))
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_no_steps_at_all_is_an_error():
+    from fastssl.recipe_checks import check_values
+
+    with pytest.raises(UserError, match="nothing to train"):
+        check_values(load_config(None, ["train.epochs=0", "train.max_steps=0"]))
+
+
+def test_a_directory_is_not_a_recipe(tmp_path):
+    with pytest.raises(UserError, match="is a directory; expected a YAML file"):
+        load_config(tmp_path)
+

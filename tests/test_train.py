@@ -168,6 +168,59 @@ def test_run_dir_guards(tiny_data, tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"] == 1.0  # untouched
 
 
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_in_place(tiny_data, tmp_path, monkeypatch):
+    from fastssl import train as train_mod
+
+    out = tmp_path / "run"
+
+    def crash(*a):
+        raise KeyboardInterrupt  # the user's Ctrl-C during the first step
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "optimizer_step", crash)
+        with pytest.raises(KeyboardInterrupt):
+            train(_cfg(tiny_data, out, "train.max_steps=2", "eval.knn_val_path="))
+    assert (out / "config.yaml").is_file() and latest_checkpoint(out) is None
+    with pytest.raises(UserError, match="holds no checkpoint yet; start it again without resume"):
+        train(_cfg(tiny_data, out, "train.max_steps=2", "eval.knn_val_path=", f"resume={out}"))
+    train(_cfg(tiny_data, out, "train.max_steps=2", "eval.knn_val_path="))  # neither refused nor appended to
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    with pytest.raises(UserError, match="already holds a run"):  # a run with a checkpoint is never restarted
+        train(_cfg(tiny_data, out, "train.max_steps=2", "eval.knn_val_path="))
+
+
+def test_resuming_a_finished_run_changes_nothing(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    first = train(_cfg(tiny_data, out, "train.max_steps=2", "eval.knn_val_path="))
+    files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    again = train(_cfg(tiny_data, out, "train.max_steps=2", "eval.knn_val_path=", f"resume={out}"))
+    assert again == first
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == files
+
+
+def test_resuming_from_a_damaged_checkpoint_is_one_line_naming_it(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(tiny_data, out, "train.max_steps=4", "train.stop_after_steps=2", "eval.knn_val_path="))
+    ckpt = latest_checkpoint(out)
+    weights = ckpt / "pytorch_model.bin"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    proc = run_tool("tools/train.py", str(RECIPE), *_overrides(tiny_data, out), "train.max_steps=4",
+                    "eval.knn_val_path=", f"resume={out}")
+    assert_user_error(proc, f"cannot resume from '{ckpt}'", "remove that step folder")
+
+
+def test_paths_that_cannot_work_fail_before_training(tiny_data, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(UserError, match=f"output_dir '{afile}/run' cannot be created: '{afile}' is a file"):
+        train(_cfg(tiny_data, afile / "run"))
+    with pytest.raises(UserError, match="data.path is empty"):
+        train(_cfg(tiny_data, tmp_path / "a", "data.path="))
+    with pytest.raises(UserError, match=f"data.path '{afile}' is not an ImageFolder directory.*eval.knn_train_path"):
+        train(_cfg(tiny_data, tmp_path / "b", f"data.path={afile}"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_bad_inputs_are_one_line_errors_and_write_nothing(tiny_data, tmp_path):
     def run(*extra):
         out = tmp_path / "out"
@@ -210,6 +263,11 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_encoder_says_what_they_are(tm
     vit = create_encoder(load_config(None, ["model.encoder=vit_tiny"]).model, 32)
     torch.save({"encoder": vit.state_dict(), "config": config_to_dict(cfg), "step": 1}, tmp_path / "encoder.pt")
     with pytest.raises(UserError, match=r"simclr run\) holds ViT \(depth 12, width 192\) weights.*'resnet18'"):
+        load_encoder(tmp_path / "encoder.pt")
+    r18 = create_encoder(cfg.model, 32)  # the same tensor names as a resnet50, other shapes
+    wide = load_config(None, ["model.encoder=resnet50", "data.image_size=32", "method.name=simclr"])
+    torch.save({"encoder": r18.state_dict(), "config": config_to_dict(wide), "step": 1}, tmp_path / "encoder.pt")
+    with pytest.raises(UserError, match=r"holds ResNet weights, which do not fit .*'resnet50': \d+ tensors of another"):
         load_encoder(tmp_path / "encoder.pt")
     torch.save({"encoder.conv1.weight": torch.zeros(1)}, tmp_path / "state.pt")
     with pytest.raises(UserError, match="accelerate's training state"):

@@ -1,0 +1,79 @@
+"""Value checks of a recipe's scalar settings, run before anything is read or written.
+
+The config loader checks keys and types; the methods, encoders and loaders check what only they understand
+(temperature, queue size, encoder names, paths). What is left are plain ranges: a negative learning rate or a
+log interval of 0 would otherwise train wrongly in silence or fail with a traceback steps later.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from fastssl.config import Config
+from fastssl.errors import UserError
+
+
+def _positive(x) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+def _non_negative(x) -> bool:
+    return math.isfinite(x) and x >= 0
+
+
+def _unit(x) -> bool:  # momentum-like: [0, 1)
+    return math.isfinite(x) and 0 <= x < 1
+
+
+# (key, predicate, what is expected)
+_RULES: list[tuple[str, Callable, str]] = [
+    ("seed", _non_negative, ">= 0"),
+    ("optim.lr", _positive, "a finite number > 0"),
+    ("optim.min_lr", _non_negative, "a finite number >= 0"),
+    ("optim.weight_decay", _non_negative, "a finite number >= 0"),
+    ("optim.momentum", _unit, "in [0, 1)"),
+    ("optim.trust_coefficient", _positive, "a finite number > 0"),
+    ("optim.warmup_epochs", _non_negative, "a finite number >= 0"),
+    ("method.proj_hidden", _positive, ">= 1"),
+    ("method.proj_dim", _positive, ">= 1"),
+    ("method.pred_hidden", _positive, ">= 1"),
+    ("train.epochs", _non_negative, ">= 0"),
+    ("train.max_steps", _non_negative, ">= 0 (0: train.epochs decides)"),
+    ("train.stop_after_steps", _non_negative, ">= 0 (0: run to the end)"),
+    ("train.log_every", _positive, ">= 1"),
+    ("train.checkpoint_every", _non_negative, ">= 0 (0: only at the end)"),
+    ("train.keep_checkpoints", _positive, ">= 1"),
+    ("train.grad_accum", _positive, ">= 1 (1: no accumulation)"),
+    ("eval.knn_k", _positive, ">= 1"),
+    ("eval.knn_t", _positive, "a finite number > 0"),
+    ("eval.batch_size", _positive, ">= 1"),
+    ("eval.knn_every_epochs", _non_negative, ">= 0 (0: off)"),
+    ("eval.knn_monitor_train_samples", _positive, ">= 1"),
+    ("eval.knn_monitor_val_samples", _positive, ">= 1"),
+    ("eval.linear_epochs", _positive, ">= 1"),
+    ("eval.linear_lr", _positive, "a finite number > 0"),
+    ("eval.linear_weight_decay", _non_negative, "a finite number >= 0"),
+]
+
+
+def _get(cfg: Config, key: str):
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def check_values(cfg: Config) -> None:
+    """Raise a one-line UserError for the first setting out of its range."""
+    for key, ok, expected in _RULES:
+        value = _get(cfg, key)
+        if not ok(value):
+            raise UserError(f"{key}={value}; expected {expected}")
+    for i, beta in enumerate(cfg.optim.betas):
+        if not _unit(beta):
+            raise UserError(f"optim.betas={list(cfg.optim.betas)}; expected both in [0, 1), got {beta} at {i}")
+    if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
+        raise UserError("train.epochs=0 and train.max_steps=0: nothing to train; set either to a positive number")
+    if not cfg.output_dir and not cfg.resume:
+        raise UserError("output_dir is empty; expected the run directory to write (e.g. runs/mine)")
