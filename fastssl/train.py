@@ -295,12 +295,6 @@ def train(cfg: Config) -> dict:
             print(f"stopped at step {state.step} of {total} (train.stop_after_steps); continue with "
                   f"resume={run_dir}", flush=True)
         return {"stopped_at_step": state.step}
-    if main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(run_dir / "config.yaml", dump_config(cfg))
-        except OSError as e:  # what check_writable cannot foresee (e.g. /proc, which even root cannot write)
-            raise UserError(f"output_dir {str(run_dir)!r} cannot be written: {e.strerror}") from None
 
     # Skip the first logging window in the mean: it pays worker start-up and allocator warm-up.
     summary = {"steps": state.step, "wall_s": round(wall, 1),
