@@ -27,13 +27,12 @@ import collections
 import numpy as np
 import torch
 
-from fastssl.data.imagefolder import load_rgb
 from fastssl.errors import UserError
 from pipelines import ops
 from pipelines.augment import AugmentSpec
 from pipelines.base import (BACKENDS, LoaderContext, ViewBatch, batch_seed, check_dataset_batches, check_global_batch,
                             shard_batches, steps_per_epoch)
-from pipelines.dali_sources import ImageFolderSource, open_source
+from pipelines.dali_sources import open_source
 
 INSTALL_HINT = ("data.backend=dali needs NVIDIA DALI, which is not installed; install the extra with "
                 "`pip install -e '.[dali]'` (or bash .ci/install_dali.sh .venv)")
@@ -163,13 +162,14 @@ class DaliViewLoader:
         self._running = False
 
     def _raise_bad_image(self, error: RuntimeError) -> None:
-        if isinstance(self._source, ImageFolderSource):  # shards were fully decoded at conversion
-            for idx in self._feeder.in_flight:
-                for i in idx:
-                    load_rgb(self._source.path(i))  # raises UserError naming a corrupt file
+        # DALI's error names neither the file nor the sample: PIL finds it among the batches in flight.
+        for idx in self._feeder.in_flight:
+            self._source.check_decodes(idx)  # raises UserError naming a corrupt file, or a shard and sample key
         if "decod" in str(error).lower():
-            raise UserError(f"DALI failed to decode an image of {self._source.root} that PIL reads: "
-                            f"{str(error).strip().splitlines()[0]}") from None
+            in_flight = list(self._feeder.in_flight)
+            where = self._source.describe(np.concatenate(in_flight)) if in_flight else self._source.root
+            raise UserError(f"DALI failed to decode an image that PIL reads ({_dali_reason(error)}); the batches "
+                            f"in flight came from {where}") from None
 
     def _to_batch(self, out) -> ViewBatch:
         target = self.ctx.device
@@ -191,6 +191,17 @@ class DaliViewLoader:
         out = torch.empty(dense.shape(), dtype=torch.float32, device=self.ctx.device)
         feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.ctx.device))
         return out
+
+
+def _dali_reason(error: RuntimeError) -> str:
+    """The line of a DALI pipeline error that says what failed: its first lines are only "Critical error in
+    pipeline:", then the operator's traceback, then what it encountered."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    if "encountered:" in lines:
+        lines = lines[lines.index("encountered:") + 1:]
+    noise = ("Critical error in pipeline", "Current pipeline object is no longer valid")
+    useful = [ln for ln in lines if not ln.startswith(noise)]
+    return useful[0] if useful else type(error).__name__
 
 
 def dali_device(choice: str, ctx: LoaderContext) -> str:

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fastssl.data.imagefolder import scan_image_folder
+from fastssl.data.imagefolder import load_rgb, scan_image_folder
 from fastssl.data.shards import is_shard_dir, open_shards
 from fastssl.errors import UserError
 
-# What PIL raises on bytes it cannot parse (as fastssl.data.imagefolder).
+# What PIL raises on bytes it cannot parse or decode (as fastssl.data.imagefolder).
 _HEADER_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
@@ -37,8 +37,14 @@ class ImageFolderSource:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def path(self, i: int) -> str:
-        return self.paths[i]
+    def check_decodes(self, idx: np.ndarray) -> None:
+        """Decode the images `idx` fully with PIL; raises UserError naming the first corrupt file."""
+        for i in idx:
+            load_rgb(self.paths[i])
+
+    def describe(self, idx: np.ndarray) -> str:
+        shown = ", ".join(self.paths[i] for i in idx[:3])
+        return shown + (f" and {len(idx) - 3} more" if len(idx) > 3 else "")
 
     def read(self, idx: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
         """Encoded bytes of the images `idx` and their (N, 2) heights and widths."""
@@ -70,9 +76,34 @@ class ShardSource:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def path(self, i: int) -> str:
+    def sample_name(self, i: int) -> str:
+        """`sample <key> of <tar>`, the key read from the shard's index file (for error messages only)."""
         s = self._s
-        return f"{s.tars[s.shard[i]]} (sample at byte {s.offset[i]})"
+        tar = s.tars[s.shard[i]]
+        line = 1 + int(i - np.searchsorted(s.shard, s.shard[i]))  # samples are in shard order
+        try:
+            key = tar.with_suffix(".idx").read_text().splitlines()[line].split()[3].rsplit(".", 1)[0]
+        except (OSError, IndexError, UnicodeDecodeError):
+            key = f"at byte {s.offset[i]}"
+        return f"sample {key} of shard {tar}"
+
+    def check_decodes(self, idx: np.ndarray) -> None:
+        """Decode the samples `idx` fully with PIL; raises UserError naming the shard and key of the first
+        that fails. The conversion decoded every one of them, so a failure means the shard changed since."""
+        encoded, _ = self.read(idx)
+        for i, data in zip(idx, encoded):
+            try:
+                with Image.open(io.BytesIO(data.tobytes())) as img:
+                    img.load()
+            except _HEADER_ERRORS as e:
+                why = "not a recognised image format" if isinstance(e, Image.UnidentifiedImageError) else e
+                raise UserError(f"corrupt JPEG: {self.sample_name(i)} does not decode ({why}); it decoded when "
+                                f"tools/convert_dali.py wrote the shard, so the file was damaged since: convert "
+                                f"again") from None
+
+    def describe(self, idx: np.ndarray) -> str:
+        s = self._s
+        return ", ".join(str(s.tars[k]) for k in np.unique(s.shard[idx]))
 
     def read(self, idx: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
         s = self._s

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -218,3 +219,100 @@ def test_cli_bad_input_and_overwrite(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert len(open_shards(tmp_path / "out")) == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "out", "src"]  # no old/partial folders left
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()  # reaped: nothing runs under this pid any more
+    return proc.pid
+
+
+def test_output_and_source_may_not_nest(tmp_path):
+    _folder(tmp_path / "src", per_class=2)
+    proc = run_tool("tools/convert_dali.py", str(tmp_path / "src"), str(tmp_path / "src" / "newcls"))
+    assert_user_error(proc, str(tmp_path / "src" / "newcls"), "inside the source image folder")
+    assert sorted(p.name for p in (tmp_path / "src").iterdir()) == ["cat", "dog", "emu"]
+    # A source inside a previous conversion: --overwrite would delete the source with the old shards.
+    convert_image_folder(tmp_path / "src", tmp_path / "out")
+    _folder(tmp_path / "out" / "inner", per_class=1)
+    with pytest.raises(UserError, match="source image folder .*inner is inside the output"):
+        convert_image_folder(tmp_path / "out" / "inner", tmp_path / "out", overwrite=True)
+    assert len(list((tmp_path / "out" / "inner").rglob("*.jpg"))) == 3
+
+
+def test_overwrite_interrupted_between_its_renames_keeps_the_old_dataset(tmp_path, monkeypatch):
+    _folder(tmp_path / "src", per_class=2)
+    convert_image_folder(tmp_path / "src", tmp_path / "out")
+    before = (tmp_path / "out" / "manifest.json").read_bytes()
+    _jpeg(tmp_path / "src" / "cat" / "new.jpg", 30, 30, seed=9)
+    real, calls = shards.os.replace, []
+
+    def replace(a, b):
+        calls.append((Path(a).name, Path(b).name))
+        if len(calls) == 2:  # the old dataset is aside, the new one not yet in place
+            raise KeyboardInterrupt
+        return real(a, b)
+
+    monkeypatch.setattr(shards.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        convert_image_folder(tmp_path / "src", tmp_path / "out", overwrite=True)
+    assert calls[0][0] == "out" and calls[1][1] == "out"
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == before
+    assert len(open_shards(tmp_path / "out")) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_unusable_output_paths_are_one_line_errors(tmp_path, monkeypatch):
+    _folder(tmp_path / "src", per_class=1)
+    (tmp_path / "afile").write_text("")
+    for out, fragment in [(tmp_path / "afile" / "x", "afile is a file, not a folder"),
+                          (tmp_path / "afile" / "y" / "x", "afile is a file, not a folder"),
+                          (tmp_path / "nodir" / "x", "nodir does not exist")]:
+        with pytest.raises(UserError, match=fragment) as e:
+            convert_image_folder(tmp_path / "src", out)
+        assert "\n" not in str(e.value)
+    def refused(**kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(UserError, match=f"output folder {tmp_path} is not writable"):
+        convert_image_folder(tmp_path / "src", tmp_path / "out")
+    monkeypatch.undo()
+
+    def disk_full(job):
+        raise OSError(28, "No space left on device", job[1])
+
+    monkeypatch.setattr(shards, "_write_shard", disk_full)
+    with pytest.raises(UserError, match="cannot write the shards to .*out: No space left on device"):
+        convert_image_folder(tmp_path / "src", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "src"]
+
+
+def test_cli_output_the_os_refuses(tmp_path):
+    _folder(tmp_path / "src", per_class=1)
+    proc = run_tool("tools/convert_dali.py", str(tmp_path / "src"), "/proc/fastssl-shards")
+    assert_user_error(proc, "output folder /proc is not writable")  # as root too, where os.access says yes
+
+
+def test_temporaries_of_killed_conversions_are_cleaned_up(tmp_path):
+    import os
+
+    _folder(tmp_path / "src", per_class=2)
+    dead, alive = _dead_pid(), os.getppid()
+    for name in [f".out.partial-{dead}", f".out.partial-{alive}", ".out.partial-x1y2", f".other.partial-{dead}"]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "shard-000000.tar").write_bytes(b"half")
+    convert_image_folder(tmp_path / "src", tmp_path / "out")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([".out.partial-x1y2", f".out.partial-{alive}", f".other.partial-{dead}", "out", "src"])
+
+    # Killed between the two renames of --overwrite: the previous dataset comes back, nothing is lost.
+    os.rename(tmp_path / "out", tmp_path / f".out.old-{dead}")
+    with pytest.raises(UserError, match="already exists"):
+        convert_image_folder(tmp_path / "src", tmp_path / "out")
+    assert len(open_shards(tmp_path / "out")) == 6 and not (tmp_path / f".out.old-{dead}").exists()
+    (tmp_path / f".out.old-{dead}").mkdir()  # killed while deleting it, after the new dataset was in place
+    convert_image_folder(tmp_path / "src", tmp_path / "out", overwrite=True)
+    assert not (tmp_path / f".out.old-{dead}").exists()

@@ -143,16 +143,76 @@ def test_worker_failure_stops_with_the_file_name_instead_of_hanging(folder, tmp_
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
     folder = make_image_folder(tmp_path / "if", classes=2, per_class=1, corrupt=False)
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "d.beton").mkdir()
+    (tmp_path / "old.beton").write_bytes(b"a previous conversion")
     cases = [
         ((str(tmp_path / "missing"), str(tmp_path / "o.beton")), "does not exist"),
         ((str(folder), str(tmp_path / "o.bin")), "must end in .beton"),
-        ((str(folder), str(tmp_path / "nodir" / "o.beton")), "does not exist"),
+        ((str(folder), str(tmp_path / "nodir" / "o.beton")), "nodir does not exist"),
+        ((str(folder), str(tmp_path / "afile" / "o.beton")), "afile is a file, not a folder"),
+        ((str(folder), str(tmp_path / "d.beton")), "d.beton is a folder; expected the path of a .beton file"),
+        ((str(folder), str(tmp_path / "old.beton")), "old.beton already exists; expected a new path (or --overwrite"),
         ((str(folder), str(tmp_path / "o.beton"), "--jpeg-quality", "0"), "--jpeg-quality 0"),
         ((str(folder), str(tmp_path / "o.beton"), "--max-resolution", "4"), "--max-resolution 4"),
         ((str(folder), str(tmp_path / "o.beton"), "--page-mib", "3"), "--page-mib 3"),
     ]
     for args, fragment in cases:
         assert_user_error(run_tool("tools/convert_ffcv.py", *args), fragment)
+    assert (tmp_path / "old.beton").read_bytes() == b"a previous conversion"
+
+
+@pytest.mark.ffcv
+def test_overwrite_replaces_only_when_asked_and_the_os_refusing_is_one_line(folder, tmp_path, monkeypatch):
+    pytest.importorskip("ffcv")
+    from ffcv.writer import DatasetWriter
+
+    from fastssl.data.beton import convert_image_folder, describe
+    from fastssl.errors import UserError
+
+    (tmp_path / "d.beton").write_bytes(b"a previous conversion")
+    with pytest.raises(UserError, match="--overwrite"):
+        convert_image_folder(folder, tmp_path / "d.beton", page_mib=2)
+    assert (tmp_path / "d.beton").read_bytes() == b"a previous conversion"
+    convert_image_folder(folder, tmp_path / "d.beton", page_mib=2, overwrite=True)
+    assert describe(tmp_path / "d.beton")["images"] == 12 and os.listdir(tmp_path) == ["d.beton"]
+
+    proc = run_tool("tools/convert_ffcv.py", str(folder), "/proc/fastssl.beton")
+    assert_user_error(proc, "output folder /proc is not writable")  # as root too, where os.access says yes
+
+    def disk_full(self):
+        raise OSError(28, "No space left on device", self.fname)
+
+    monkeypatch.setattr(DatasetWriter, "prepare", disk_full)
+    with pytest.raises(UserError, match=r"cannot write .*d\.beton: No space left on device \(.*\.d\.beton\.tmp-"):
+        convert_image_folder(folder, tmp_path / "d.beton", page_mib=2, overwrite=True)
+    assert describe(tmp_path / "d.beton")["images"] == 12 and os.listdir(tmp_path) == ["d.beton"]
+
+
+@pytest.mark.ffcv
+def test_temporaries_of_killed_conversions_are_removed(folder, tmp_path):
+    pytest.importorskip("ffcv")
+    import subprocess
+
+    from fastssl.data.beton import convert_image_folder
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()  # reaped: nothing runs under this pid any more
+    dead, alive = proc.pid, os.getppid()
+    names = [f".x.beton.tmp-{dead}", f".x.beton.tmp-{alive}", f".y.beton.tmp-{dead}", ".x.beton.tmp-12a"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"half a beton")
+    convert_image_folder(folder, tmp_path / "x.beton", page_mib=2)
+    assert sorted(os.listdir(tmp_path)) == sorted(["x.beton", *names[1:]])
+
+
+def test_a_folder_given_as_the_beton_is_named(tmp_path):
+    from fastssl.data.beton import open_beton
+    from fastssl.errors import UserError
+
+    with pytest.raises(UserError, match=f"{tmp_path} is a folder; the ffcv backend expects a .beton file made by "
+                                        f"tools/convert_ffcv.py"):
+        open_beton(tmp_path)
 
 
 @pytest.mark.ffcv

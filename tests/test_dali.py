@@ -336,6 +336,40 @@ def test_a_corrupt_jpeg_is_named(tmp_path, colour_root):
         list(_loader(tmp_path, preset("simclr", S), batch=16))
 
 
+def _shards_with_a_damaged_sample(tmp_path, colour_root) -> tuple[Path, str]:
+    """Converted shards whose 6th sample had its bytes overwritten after conversion; returns (tar, key)."""
+    from fastssl.data.shards import convert_image_folder
+
+    convert_image_folder(colour_root, tmp_path / "shards", shard_size=20)
+    tar = tmp_path / "shards" / "shard-000000.tar"
+    jpg = (tmp_path / "shards" / "shard-000000.idx").read_text().splitlines()[6].split()
+    offset, size = int(jpg[1]), int(jpg[2])
+    data = bytearray(tar.read_bytes())
+    data[offset + 2:offset + size] = bytes(size - 2)  # the JPEG start marker, then zeros: no decoder reads it
+    tar.write_bytes(bytes(data))
+    return tar, jpg[3].rsplit(".", 1)[0]
+
+
+@pytest.mark.dali
+def test_a_corrupt_jpeg_in_a_shard_is_named_by_shard_and_key(tmp_path, colour_root):
+    tar, key = _shards_with_a_damaged_sample(tmp_path, colour_root)
+    with pytest.raises(UserError, match=f"corrupt JPEG: sample {key} of shard {tar} does not decode") as e:
+        list(_loader(tmp_path / "shards", preset("simclr", S), batch=16))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.dali
+def test_an_image_only_dali_rejects_gets_dalis_reason_and_the_shards(tmp_path, colour_root, monkeypatch):
+    from pipelines.dali_sources import ShardSource
+
+    tar, _ = _shards_with_a_damaged_sample(tmp_path, colour_root)
+    monkeypatch.setattr(ShardSource, "check_decodes", lambda self, idx: None)  # as if PIL read every image
+    with pytest.raises(UserError, match=rf"DALI failed to decode an image that PIL reads \((?!Critical)[^)]+\); "
+                                        rf"the batches in flight came from .*{tar}") as e:
+        list(_loader(tmp_path / "shards", preset("simclr", S), batch=16))
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.dali
 def test_memory_does_not_grow_epoch_over_epoch(colour_root):
     def rss_mib() -> float:

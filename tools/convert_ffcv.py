@@ -1,7 +1,8 @@
 """Convert an ImageFolder (ROOT/<class>/<image>) into an FFCV .beton for `data.backend=ffcv`.
 
 Corrupt images are reported by name and skipped; the file is written beside OUT and renamed into place
-only when complete. Needs the ffcv extra (`bash .ci/install_ffcv.sh .venv`).
+only when complete. An existing OUT is replaced only with --overwrite. Needs the ffcv extra
+(`bash .ci/install_ffcv.sh .venv`).
 """
 
 import sys
@@ -31,6 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="processes that check and encode images")
     p.add_argument("--chunk-size", type=int, default=100, help="images per work item of a writer process")
     p.add_argument("--page-mib", type=int, default=8, help="ffcv page size in MiB (a power of two >= 2)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (once the new file is complete)")
     return p.parse_args(argv)
 
 
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     s = convert_image_folder(a.imagefolder, a.out, max_resolution=a.max_resolution, jpeg_quality=a.jpeg_quality,
                              write_mode=a.write_mode, compress_probability=a.compress_probability,
                              smart_threshold=a.smart_threshold, workers=a.workers, chunk_size=a.chunk_size,
-                             page_mib=a.page_mib, report=print_skipped)
+                             page_mib=a.page_mib, overwrite=a.overwrite, report=print_skipped)
     skipped = f", skipped {len(s.skipped)} corrupt image(s)" if s.skipped else ""
     print(f"wrote {s.path}: {s.images} images in {s.classes} classes, {s.bytes / 2**20:.1f} MiB{skipped}")
 

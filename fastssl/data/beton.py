@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import re
 import sys
 import threading
 import _thread
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fastssl.data.imagefolder import check_images, load_rgb, scan_image_folder
+from fastssl.data.imagefolder import (check_images, check_output_folder, load_rgb, scan_image_folder,
+                                      stale_temporaries)
 from fastssl.errors import UserError
 
 IMAGE_FIELD, LABEL_FIELD = "image", "label"
@@ -92,12 +94,15 @@ def _watch_workers(stop: threading.Event, failed: list[str]) -> None:
             return
 
 
-def _validate(out: Path, max_resolution, jpeg_quality, write_mode, compress_probability, workers,
+def _validate(out: Path, overwrite: bool, max_resolution, jpeg_quality, write_mode, compress_probability, workers,
               chunk_size) -> None:
     if out.suffix != ".beton":
         raise UserError(f"output {out} must end in .beton")
-    if not out.parent.is_dir():
-        raise UserError(f"output folder {out.parent} does not exist")
+    check_output_folder(out)
+    if out.is_dir():
+        raise UserError(f"output {out} is a folder; expected the path of a .beton file")
+    if out.exists() and not overwrite:
+        raise UserError(f"output {out} already exists; expected a new path (or --overwrite to replace it)")
     if max_resolution is not None and max_resolution < 8:
         raise UserError(f"--max-resolution {max_resolution}; expected at least 8 pixels (or 0 for no cap)")
     if not 1 <= jpeg_quality <= 100:
@@ -113,7 +118,7 @@ def _validate(out: Path, max_resolution, jpeg_quality, write_mode, compress_prob
 def convert_image_folder(src, out, *, max_resolution: int | None = None, jpeg_quality: int = 90,
                          write_mode: str = "jpg", compress_probability: float = 0.5,
                          smart_threshold: int | None = None, workers: int = 1, chunk_size: int = 100,
-                         page_mib: int = 8, report=None) -> ConvertSummary:
+                         page_mib: int = 8, overwrite: bool = False, report=None) -> ConvertSummary:
     """Write ImageFolder `src` as `out` (.beton); corrupt images are skipped and listed in the summary.
 
     write_mode (ffcv's RGBImageField): "jpg" re-encodes every image at `jpeg_quality`; "raw" stores pixels
@@ -121,13 +126,17 @@ def convert_image_folder(src, out, *, max_resolution: int | None = None, jpeg_qu
     `smart_threshold` bytes; "proportion" JPEG-encodes a random `compress_probability` fraction.
     `page_mib` is ffcv's page size (a power of two >= 2 MiB; each writer process fills whole pages, and
     quasi-random order shuffles within a few pages at a time). `report(path, reason)` is called for each
-    skipped image as soon as it is found.
+    skipped image as soon as it is found. An existing `out` is replaced only with `overwrite`, and only once
+    the new file is complete.
     """
     out = Path(out).expanduser().absolute()
     max_resolution = max_resolution or None
-    _validate(out, max_resolution, jpeg_quality, write_mode, compress_probability, workers, chunk_size)
+    _validate(out, overwrite, max_resolution, jpeg_quality, write_mode, compress_probability, workers, chunk_size)
     if page_mib < 2 or page_mib & (page_mib - 1):
         raise UserError(f"--page-mib {page_mib}; expected a power of two >= 2")
+    for leftover, _ in stale_temporaries(out.parent, rf"\.{re.escape(out.name)}\.tmp-(?P<pid>\d{{1,9}})"):
+        if leftover.is_file():  # of a conversion that was killed: never usable, never renamed into place
+            leftover.unlink(missing_ok=True)
     index = scan_image_folder(src)
     import_ffcv()
     from ffcv.fields import IntField, RGBImageField
@@ -171,6 +180,10 @@ def convert_image_folder(src, out, *, max_resolution: int | None = None, jpeg_qu
         for p in multiprocessing.active_children():
             p.terminate()
         raise UserError(f"conversion of {index.root} stopped: {failed[0]}") from None
+    except OSError as e:  # disk full, permissions, a path the OS refuses: the user can fix these
+        where = f" ({e.filename})" if e.filename else ""
+        raise UserError(f"cannot write {out}: {e.strerror or e}{where}; expected a writable folder with free "
+                        f"space") from None
     finally:
         stop.set()
         tmp.unlink(missing_ok=True)
@@ -184,6 +197,9 @@ def open_beton(path):
     writer puts last: a file cut short loses that first and would fail later inside a JIT-compiled decoder.
     """
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f".beton file {p} is a folder; the ffcv backend expects a .beton file made by "
+                        f"tools/convert_ffcv.py (data.path=OUT.beton)")
     if not p.is_file():
         raise UserError(f".beton file {p} does not exist (data.path must be a file written by "
                         f"tools/convert_ffcv.py)")

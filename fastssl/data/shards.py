@@ -8,8 +8,12 @@
 
 A sample's dataset index is its position in shard order. The loader samples crop boxes on the original
 image before decoding (torchvision's RandomResizedCrop semantics need the size), so the sizes measured
-here save it a header parse per image. The whole dataset is built in a hidden sibling folder and renamed
-into place, so an interrupted conversion leaves nothing at OUT_DIR (and the loader requires the manifest).
+here save it a header parse per image. The whole dataset is built in a hidden sibling folder
+(.OUT_DIR.partial-<pid>) and renamed into place, so an interrupted conversion leaves nothing at OUT_DIR (and
+the loader requires the manifest); --overwrite moves the previous dataset aside (.OUT_DIR.old-<pid>) only
+for the instant between two renames. What a killed conversion leaves there is cleaned up by the next
+conversion to the same OUT_DIR: partial folders are removed, and a previous dataset caught between the two
+renames is put back at OUT_DIR.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fastssl.data.imagefolder import scan_image_folder
+from fastssl.data.imagefolder import check_output_folder, scan_image_folder, stale_temporaries
 from fastssl.errors import UserError
 
 FORMAT = "fastssl-webdataset"
@@ -136,6 +140,31 @@ def _checksum(entries: dict) -> str:
     return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
 
+def _temporaries(out: Path) -> str:
+    return rf"\.{re.escape(out.name)}\.(?P<kind>partial|old)-(?P<pid>\d{{1,9}})"
+
+
+def _clean_up_after_killed_runs(out: Path) -> None:
+    for path, m in stale_temporaries(out.parent, _temporaries(out)):
+        if m["kind"] == "old" and not out.exists() and is_shard_dir(path):
+            os.replace(path, out)  # killed between the two renames of --overwrite: the previous dataset returns
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_not_nested(src: Path, out: Path) -> None:
+    # Shards written inside the source would be a class folder without images at the next scan (and an
+    # --overwrite of a folder holding the source would delete it).
+    src, out = src.resolve(), out.resolve()
+    if out == src or src in out.parents:
+        where = "is" if out == src else "is inside"
+        raise UserError(f"output {out} {where} the source image folder {src}; expected a folder outside it, "
+                        f"where the shards cannot become part of the dataset they were made from")
+    if out in src.parents:
+        raise UserError(f"source image folder {src} is inside the output {out}; expected an output folder "
+                        f"outside the source")
+
+
 def convert_image_folder(src: str | os.PathLike, out_dir: str | os.PathLike, shard_size: int = 1000,
                          workers: int = 1, overwrite: bool = False) -> ConversionSummary:
     """Write the ImageFolder at `src` as shards in `out_dir`; corrupt images are skipped and listed."""
@@ -143,8 +172,11 @@ def convert_image_folder(src: str | os.PathLike, out_dir: str | os.PathLike, sha
         raise UserError(f"shard size {shard_size!r}; expected an integer >= 1")
     if not isinstance(workers, int) or workers < 1:
         raise UserError(f"workers={workers!r}; expected an integer >= 1")
-    index = scan_image_folder(src)
     out = Path(out_dir).expanduser().absolute()
+    check_output_folder(out)
+    _check_not_nested(Path(src).expanduser().absolute(), out)
+    index = scan_image_folder(src)
+    _clean_up_after_killed_runs(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise UserError(f"output {out} already exists and is not an empty directory; expected a new path "
@@ -156,12 +188,10 @@ def convert_image_folder(src: str | os.PathLike, out_dir: str | os.PathLike, sha
     # small buffer, so class-sorted shards would give each rank some classes and each batch one class.
     order = np.random.default_rng(_SHUFFLE_SEED).permutation(len(index))
     chunks = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private 0700 would outlive the rename
+        tmp.mkdir()
         jobs = [(k, str(tmp), [index.samples[i] for i in chunk]) for k, chunk in enumerate(chunks)]
         if workers == 1 or len(jobs) == 1:
             results = [_write_shard(j) for j in jobs]
@@ -169,16 +199,19 @@ def convert_image_folder(src: str | os.PathLike, out_dir: str | os.PathLike, sha
             with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
                 results = list(pool.map(_write_shard, jobs))
         summary = _finish(tmp, out, index.root, index.classes, results)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "dataset")
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:  # Ctrl-C included: never leave a half-written dataset behind
+        if out.exists():  # the previous dataset is moved aside only now that the new one is complete
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException as e:  # Ctrl-C included: never leave a half-written dataset behind; re-raised below
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        if isinstance(e, OSError):  # disk full, permissions, a path the OS refuses: the user can fix these
+            where = f" ({e.filename})" if e.filename else ""
+            raise UserError(f"cannot write the shards to {out}: {e.strerror or e}{where}; expected a writable "
+                            f"folder with free space") from None
         raise
+    shutil.rmtree(old, ignore_errors=True)
     return summary
 
 
