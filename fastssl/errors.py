@@ -1,13 +1,15 @@
-"""The one exception type that reaches users.
+"""The one exception type that reaches users, and the checks every tool makes at its boundary.
 
 Anything a user can fix (a recipe key, a path, a corrupt file, a missing optional package) is raised as
 `UserError` with a one-line message naming the value received and what was expected. The command-line
 tools catch it, print `error: <message>` and exit with status 2; everything else is a bug and keeps its
-traceback.
+traceback. `ArgumentParser` gives argparse's own errors the same one-line form.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -20,6 +22,17 @@ class UserError(Exception):
         super().__init__(" ".join(str(message).split()))  # always one line
 
 
+def _error_line(message: str) -> str:
+    """`error: ...`, or `error: [rank N] ...` on a non-main process of a distributed launch. Every rank keeps
+    printing (a data error may strike one rank only, and a silent rank would hide it); the tag tells the
+    otherwise identical lines of `accelerate launch` apart."""
+    try:
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    except ValueError:
+        world, rank = 1, 0
+    return f"error: [rank {rank}] {message}" if world > 1 and rank != 0 else f"error: {message}"
+
+
 def cli_main(fn: Callable[..., int | None]) -> Callable[..., int]:
     """Wrap a tool's main(): UserError and Ctrl-C become one line on stderr and a non-zero exit."""
 
@@ -28,10 +41,47 @@ def cli_main(fn: Callable[..., int | None]) -> Callable[..., int]:
         try:
             return fn(*args, **kwargs) or 0
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(_error_line(str(e)), file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
+            print(_error_line("interrupted"), file=sys.stderr)
             return 130
 
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with the tools' error form: one `error:` line instead of the usage block, exit 2.
+    Sub-parsers are of this class too (argparse's add_subparsers defaults parser_class to type(self))."""
+
+    def error(self, message: str):
+        print(_error_line(f"{' '.join(message.split())} (see --help)"), file=sys.stderr)
+        sys.exit(2)
+
+    def add_subparsers(self, **kwargs):
+        self._commands = super().add_subparsers(**kwargs)
+        return self._commands
+
+    def parse_command_args(self, argv: list[str] | None = None) -> argparse.Namespace:
+        """parse_intermixed_args for a parser with sub-commands, so `section.key=value` overrides may sit between
+        options. argparse refuses intermixed parsing of a sub-parsers positional (TypeError), so the chosen
+        sub-command's own parser parses everything after its name. The parent takes no options of its own."""
+        argv = sys.argv[1:] if argv is None else list(argv)
+        commands = self._commands
+        if argv and argv[0] in commands.choices:
+            args = commands.choices[argv[0]].parse_intermixed_args(argv[1:])
+            setattr(args, commands.dest, argv[0])
+            return args
+        return self.parse_args(argv)  # --help, or a missing or unknown command: argparse's own message
+
+
+def resolve_device(choice: str | None, option: str = "--device") -> str:
+    """'auto' | 'cpu' | 'cuda' (None = auto) -> 'cuda' or 'cpu', refusing a GPU that is not there."""
+    import torch
+
+    choice = "auto" if choice is None else choice
+    if choice not in ("auto", "cpu", "cuda"):
+        raise UserError(f"{option} {choice!r}; expected auto, cpu or cuda")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{option} cuda but torch sees no CUDA GPU on this machine; use auto or cpu")
+    return "cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu"

@@ -1,10 +1,14 @@
-"""Small files written whole or not at all."""
+"""Where outputs go: checked before the work that makes them, written whole or not at all, and the leftovers
+of a killed writer found again."""
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
+
+from fastssl.errors import UserError
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
@@ -20,3 +24,61 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def check_creatable(path: str | os.PathLike, option: str) -> Path:
+    """`path` (a file or folder to be written, with any missing parent folders) can be created by this
+    process: its nearest existing ancestor is a folder in which a file can be created. Probed by creating one,
+    since as root os.access says yes to folders such as /proc that refuse new files."""
+    path = Path(path)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{option} {str(path)!r}: {str(folder)!r} is a file, not a folder; expected a path in a "
+                        f"folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".fastssl-probe-")
+    except OSError as e:
+        raise UserError(f"{option} {str(path)!r}: cannot create files in folder {str(folder)!r} "
+                        f"({e.strerror or e}); expected a writable folder") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+def check_output_file(path: str | os.PathLike, option: str, suffix: str = "") -> Path:
+    """Before the work whose result goes to `path`: a file path (not a folder, with `suffix` if given) that
+    check_creatable accepts."""
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"{option} {str(out)!r} is a folder; expected a file path")
+    if suffix and out.suffix.lower() != suffix:
+        raise UserError(f"{option} {str(out)!r}: expected a {suffix} file")
+    return check_creatable(out, option)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process, or not a pid we can judge: keep it
+        return True
+    return True
+
+
+def stale_temporaries(folder: Path, pattern: str) -> list[tuple[Path, re.Match]]:
+    """Entries of `folder` whose name fully matches `pattern` (which has a `pid` group) and whose writer
+    process is gone: what a SIGKILL left. Our own pid counts as gone, as that leftover can only come from
+    an earlier process the pid was reused from (the caller is about to write those names itself)."""
+    found = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        m = re.fullmatch(pattern, entry.name)
+        if m and (int(m["pid"]) == os.getpid() or not _pid_alive(int(m["pid"]))):
+            found.append((Path(entry.path), m))
+    return found

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 from fastssl.checkpoint import latest_checkpoint
 from fastssl.config import Config, config_to_dict, load_config
 from fastssl.errors import UserError
+from fastssl.fileio import check_creatable
 
 # Keys a resumed run may change without changing its maths (bookkeeping, display, evaluation).
 RESUME_MAY_CHANGE = {"output_dir", "resume", "train.stop_after_steps", "train.progress", "train.log_every",
@@ -23,18 +23,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def check_writable(path: Path, option: str) -> None:
-    """The folder `path` exists writable, or can be created: its nearest existing ancestor is a writable folder.
-    Checked before any work, so a typo in a path does not surface as a traceback after hours of training."""
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"{option} {str(path)!r} cannot be created: {str(probe)!r} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{option} {str(path)!r} cannot be created: {str(probe)!r} is not writable")
 
 
 def stopped_before_first_checkpoint(run: Path) -> bool:
@@ -62,7 +50,7 @@ def prepare_run_dir(cfg: Config) -> tuple[Config, Path, bool]:
     run = Path(cfg.output_dir)
     if run.exists() and not run.is_dir():
         raise UserError(f"output_dir {cfg.output_dir!r} exists and is not a directory")
-    check_writable(run, "output_dir")
+    check_creatable(run, "output_dir")
     if run.is_dir() and any(run.iterdir()) and not stopped_before_first_checkpoint(run):
         raise UserError(f"output_dir {cfg.output_dir!r} already holds a run; pass resume={cfg.output_dir} to "
                         f"continue it, or choose another output_dir")

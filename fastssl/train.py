@@ -16,6 +16,7 @@ from fastssl.config import Config, config_to_dict, dump_config
 from fastssl.data.imagefolder import scan_image_folder
 from fastssl.errors import UserError
 from fastssl.fileio import write_atomic
+from fastssl.eval.knn import check_same_classes
 from fastssl.eval.monitor import KnnMonitor
 from fastssl.methods import build_method
 from fastssl.methods.base import LossOutput
@@ -90,7 +91,9 @@ def _knn_sets(cfg: Config):
         if not Path(train_path).is_dir():
             raise UserError(f"data.path {train_path!r} is not an ImageFolder directory, and the kNN evaluation's "
                             f"memory bank defaults to it; set eval.knn_train_path to one")
-    return scan_image_folder(train_path), scan_image_folder(cfg.eval.knn_val_path)
+    train_index, val_index = scan_image_folder(train_path), scan_image_folder(cfg.eval.knn_val_path)
+    check_same_classes(train_index, val_index)
+    return train_index, val_index
 
 
 def make_accelerator(cfg: Config):
@@ -225,7 +228,7 @@ def train(cfg: Config) -> dict:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(run_dir / "config.yaml", dump_config(cfg))
-        except OSError as e:  # what check_writable cannot foresee (e.g. /proc, which even root cannot write)
+        except OSError as e:  # changed since check_creatable looked (full disk, removed, read-only)
             raise UserError(f"output_dir {str(run_dir)!r} cannot be written: {e.strerror}") from None
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main, resume_step=state.step if resuming else None)

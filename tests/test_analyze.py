@@ -151,3 +151,76 @@ def test_tool_runs_as_a_script_and_fails_cleanly(setup, tmp_path):
                     "--out", str(tmp_path / "a.png"), "--device", "cpu")
     assert_user_error(proc, "need a ViT")
     assert run_tool("tools/analyze.py", "--help").returncode == 0
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (("cka", "--batch-size", "0"), "--batch-size 0; expected >= 1"),
+    (("cka", "--json", "/proc/k.json"), "--json '/proc/k.json': cannot create files in folder '/proc'"),
+    (("cka", "--json", "FOLDER"), "is a folder"),
+    (("cka", "--out", "/proc/k.png"), "--out '/proc/k.png': cannot create files"),
+    (("cka", "--device", "banana"), "--device 'banana'; expected auto, cpu or cuda"),
+    (("cka", "--device", "cuda"), "--device cuda but torch sees no CUDA GPU"),
+    (("attention", "--device", "cuda"), "--device cuda but torch sees no CUDA GPU"),
+])
+def test_options_are_checked_before_any_encoder_is_loaded(argv, fragment, setup, tmp_path, monkeypatch, capsys):
+    import fastssl.checkpoint
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("encoder loaded before the options were checked")
+
+    monkeypatch.setattr(fastssl.checkpoint, "load_encoder", no_load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = [str(tmp_path) if a == "FOLDER" else a for a in argv]
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "x.png")]
+    assert _main(*argv, "--checkpoint", setup["vit"], "--data", setup["data"], *out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_curves_to_an_unwritable_folder_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    assert _main("curves", str(run), "--out", "/proc/v.png") == 2
+    assert "cannot create files in folder '/proc'" in capsys.readouterr().err
+
+
+def test_a_failed_png_write_is_a_user_error_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    import errno
+
+    from fastssl.analysis import plots
+    from fastssl.errors import UserError
+
+    def disk_full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plots.os, "replace", disk_full)  # the folder passed the check; the write itself fails
+    with pytest.raises(UserError, match="cannot write .*v.png.*No space left on device"):
+        plots.curves_figure([{"step": 1, "loss": 1.0}], tmp_path / "v.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('{"step": 1, "loss": 2}\nnot json\n{"step": 2, "loss": 1}\n', "line 2 is not JSON"),
+    ("garbage\n", "line 1 is not JSON"),  # was "holds no records yet"
+    ('{"step": 1, "loss": 2}\n[1, 2]\n', "line 2 is a JSON list"),
+])
+def test_curves_on_a_malformed_metrics_file_names_the_line(text, fragment, tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert _main("curves", str(tmp_path), "--out", str(tmp_path / "c.png")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0], err
+
+
+def test_views_says_when_the_folder_holds_fewer_images_than_asked(setup, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data:\n  path: {setup['data']}\n  image_size: {SIZE}\n  workers: 0\n")
+    out = tmp_path / "views.png"
+    # Overrides between options, as tools/train.py takes them.
+    assert _main("views", str(recipe), "--num-images", "50", "data.device=cpu", "--out", str(out), "--device", "cpu",
+                 "data.augment=mocov3") == 0
+    captured = capsys.readouterr()
+    assert "holds only 9 images; using all 9 (--num-images 50)" in captured.err
+    assert "mocov3 preset" in captured.out and "of 9 images" in captured.out
+    _png(out)

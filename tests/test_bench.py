@@ -352,3 +352,57 @@ def test_step_bench_end_to_end(folder, tmp_path):
 ])
 def test_bad_input_is_one_line(argv, fragments):
     assert_user_error(run_tool("tools/bench.py", *argv), *fragments)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--steps", "0"], "--steps 0; expected an integer >= 1"),  # was read as "not given": the default 3 steps
+    (["--warmup", "-1"], "--warmup -1; expected an integer >= 0"),
+    (["--min-batch", "0"], "--min-batch 0"),
+])
+def test_model_bench_refuses_zero_steps_instead_of_using_the_default(argv, fragment):
+    with pytest.raises(UserError, match=fragment):
+        bench_model.resolve_training(parse(bench_model, [*argv, "--device", "cpu"]))
+
+
+def _capture_run(monkeypatch, module_name: str) -> list:
+    """Replaces the subcommand's run(): the parsed args are kept, and nothing is measured."""
+    import importlib
+
+    seen = []
+
+    def run(args):
+        seen.append(args)
+        raise UserError("stopped before measuring")
+
+    monkeypatch.setattr(importlib.import_module(module_name), "run", run)
+    return seen
+
+
+def test_step_overrides_may_sit_between_options(monkeypatch, capsys):
+    from tools.bench import main
+
+    seen = _capture_run(monkeypatch, "fastssl.bench.step")
+    assert main(["step", "data.path=X", "--batch", "8", "data.image_size=32", "--steps", "2"]) == 2
+    (args,) = seen
+    assert args.overrides == ["data.path=X", "data.image_size=32"] and args.batch == "8" and args.steps == 2
+    assert "stopped before measuring" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["loss", "loader", "model", "step"])
+@pytest.mark.parametrize("option, path, fragment", [
+    ("--json", "/proc/x.json", "--json '/proc/x.json': cannot create files in folder '/proc'"),
+    ("--json", "FOLDER", "is a folder; expected a file path"),
+    ("--plot", "FILE/x.png", "is a file, not a folder"),
+    ("--plot", "FOLDER/x.jpg", "expected a .png file"),
+])
+def test_output_paths_are_checked_before_any_benchmark_runs(command, option, path, fragment, tmp_path, monkeypatch,
+                                                            capsys):
+    from tools.bench import SUBCOMMANDS, main
+
+    seen = _capture_run(monkeypatch, SUBCOMMANDS[command][0])
+    (tmp_path / "afile").write_text("x")
+    path = path.replace("FOLDER", str(tmp_path)).replace("FILE", str(tmp_path / "afile"))
+    assert main([command, option, path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not seen and len(err) == 1 and fragment in err[0], err
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]

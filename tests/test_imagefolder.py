@@ -173,7 +173,7 @@ def test_stale_temporaries_are_those_of_gone_writers_only(tmp_path):
     import os
     import subprocess
 
-    from fastssl.data.imagefolder import stale_temporaries
+    from fastssl.fileio import stale_temporaries
 
     proc = subprocess.Popen(["true"])
     proc.wait()  # reaped: nothing runs under this pid any more

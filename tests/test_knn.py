@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastssl.errors import UserError
 from fastssl.eval.knn import knn_accuracy, knn_predict
 
 
@@ -134,3 +135,60 @@ def test_eval_tool_knn_matches_an_independent_knn_of_the_saved_weights(tmp_path,
         assert main(["knn", "--checkpoint", str(tmp_path / "run"), *splits]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "pass --data IMAGEFOLDER" in err[0] and "--val" in err[0], err
+
+
+# --- user errors, before any feature is extracted -------------------------------------------------------------
+
+def _no_features(*args, **kwargs):
+    raise AssertionError("features extracted before the settings were checked")
+
+
+@pytest.mark.parametrize("kw, fragment", [({"k": 0}, "k (--k / eval.knn_k) 0"), ({"k": -3}, "-3"),
+                                         ({"temperature": 0.0}, "temperature (--temperature / eval.knn_t) 0.0"),
+                                         ({"temperature": float("nan")}, "nan")])
+def test_knn_eval_refuses_bad_k_and_temperature_up_front(kw, fragment, monkeypatch):
+    from fastssl.eval import features
+    from fastssl.eval.knn import knn_eval
+
+    monkeypatch.setattr(features, "extract_features", _no_features)
+    with pytest.raises(UserError) as e:
+        knn_eval(None, "/nonexistent/train", "/nonexistent/val", 32, **kw)  # the trainer's call, eval.knn_k/_t
+    assert fragment in str(e.value)
+
+
+def test_knn_eval_refuses_folders_with_different_classes(tmp_path, monkeypatch):
+    from fastssl.eval import features
+    from fastssl.eval.knn import knn_eval
+
+    _image_folder(tmp_path / "train", 1, seed=0)  # c0..c3
+    _image_folder(tmp_path / "val", 1, seed=1)
+    (tmp_path / "val" / "c3").rename(tmp_path / "val" / "other")
+    monkeypatch.setattr(features, "extract_features", _no_features)
+    with pytest.raises(UserError) as e:
+        knn_eval(None, str(tmp_path / "train"), str(tmp_path / "val"), 32)
+    msg = str(e.value)
+    assert "[c0, c1, c2, other]" in msg and "[c0, c1, c2, c3]" in msg and "same class folders" in msg
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--k", "-3"], "--k / eval.knn_k) -3"),
+    (["--temperature", "0"], "(--temperature / eval.knn_t) 0.0"),
+    (["--device", "banana"], "--device 'banana'; expected auto, cpu or cuda"),
+    (["--device", "cuda"], "--device cuda but torch sees no CUDA GPU"),
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--json", "/proc/knn.json"], "--json '/proc/knn.json'"),
+    (["--json", "FOLDER"], "is a folder"),
+])
+def test_eval_tool_checks_options_before_loading_the_checkpoint(extra, fragment, tmp_path, monkeypatch, capsys):
+    import fastssl.checkpoint
+    from tools.eval import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("checkpoint loaded before the options were checked")
+
+    monkeypatch.setattr(fastssl.checkpoint, "load_encoder", no_load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    extra = [str(tmp_path) if a == "FOLDER" else a for a in extra]
+    assert main(["knn", "--checkpoint", "ckpt", "--data", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err

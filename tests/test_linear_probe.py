@@ -153,3 +153,21 @@ def test_eval_tool_linear_writes_json_for_a_checkpoint_and_its_random_init(tmp_p
         res = json.loads(out.read_text())
         assert res["protocol"] == "linear" and res["encoder"] == "vit_pico" and res["random_init"] == bool(extra)
         assert 0.0 <= res["top1"] <= res["top5"] <= 100.0 and res["num_train"] == 12 and res["num_val"] == 6
+
+
+@pytest.mark.parametrize("extra, fragment", [(["--epochs", "0"], "--epochs 0; expected >= 1"),
+                                             (["--lr", "0"], "--lr 0.0; expected > 0"),
+                                             (["--epochs", "-2"], "--epochs -2")])
+def test_eval_tool_refuses_zero_epochs_and_lr_instead_of_using_the_recipes(extra, fragment, tmp_path, monkeypatch,
+                                                                          capsys):
+    # `args.epochs or recipe` read --epochs 0 as "not given" and trained the recipe's 100 epochs.
+    import fastssl.checkpoint
+    from tools.eval import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("checkpoint loaded before the options were checked")
+
+    monkeypatch.setattr(fastssl.checkpoint, "load_encoder", no_load)
+    assert main(["linear", "--checkpoint", "ckpt", "--data", str(tmp_path), "--device", "cpu", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0], err

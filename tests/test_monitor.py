@@ -81,3 +81,16 @@ def test_monitor_off_by_default_and_bad_settings_are_user_errors(tmp_path):
         KnnMonitor(_cfg(train, train, knn_every_epochs=1, knn_monitor_val_samples=0))
     with pytest.raises(UserError, match="does not exist"):
         KnnMonitor(_cfg(train, str(tmp_path / "nope"), knn_every_epochs=1))
+
+
+def test_monitor_checks_k_temperature_and_classes_before_training(tmp_path):
+    # The monitor is built before the first step; a bad k or T would otherwise surface at the first epoch's end.
+    train = _colour_folder(tmp_path / "train", 2, 0)
+    with pytest.raises(UserError, match=r"eval.knn_k\) 0; expected an integer >= 1"):
+        KnnMonitor(_cfg(train, train, knn_every_epochs=1, knn_k=0))
+    with pytest.raises(UserError, match=r"eval.knn_t\) -1.0; expected a number > 0"):
+        KnnMonitor(_cfg(train, train, knn_every_epochs=1, knn_t=-1.0))
+    val = Path(_colour_folder(tmp_path / "val", 2, 1))
+    (val / "red").rename(val / "yellow")
+    with pytest.raises(UserError, match=r"\[blue, green, yellow\] .* \[blue, green, red\]"):
+        KnnMonitor(_cfg(train, str(val), knn_every_epochs=1))

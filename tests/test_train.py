@@ -212,7 +212,7 @@ def test_resuming_from_a_damaged_checkpoint_is_one_line_naming_it(tiny_data, tmp
 def test_paths_that_cannot_work_fail_before_training(tiny_data, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    with pytest.raises(UserError, match=f"output_dir '{afile}/run' cannot be created: '{afile}' is a file"):
+    with pytest.raises(UserError, match=f"output_dir '{afile}/run': '{afile}' is a file, not a folder"):
         train(_cfg(tiny_data, afile / "run"))
     with pytest.raises(UserError, match="data.path is empty"):
         train(_cfg(tiny_data, tmp_path / "a", "data.path="))

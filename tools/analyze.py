@@ -23,20 +23,29 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastssl.analysis.plots import check_png_path  # noqa: E402
-from fastssl.errors import UserError, cli_main  # noqa: E402
+from fastssl.errors import ArgumentParser, UserError, cli_main, resolve_device  # noqa: E402
+from fastssl.fileio import check_output_file  # noqa: E402
 from fastssl.fileio import write_atomic  # noqa: E402
 
 
-def _default_device() -> str:
-    import torch
+# --num-images when not given: a row of views, enough images for CKA's Gram matrices, a few attention maps.
+NUM_IMAGES = {"views": 8, "cka": 256, "attention": 4}
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+
+def _note_fewer_images(args, shown: int, where: str) -> None:
+    """Only for a --num-images the user typed: the default asks for more than small folders hold, by design."""
+    asked = args.num_images
+    if args.num_images_given and shown < asked:
+        print(f"note: {where} holds only {shown} images; using all {shown} (--num-images {asked})", file=sys.stderr)
 
 
 def _images(args):
     from fastssl.analysis.images import pick_images
 
-    return pick_images(args.data, args.images, args.num_images)
+    index = pick_images(args.data, args.images, args.num_images)
+    if args.images is None:
+        _note_fewer_images(args, len(index), f"--data {args.data}")
+    return index
 
 
 def _load(path: str, random_init: bool, device: str):
@@ -74,6 +83,7 @@ def _views(args) -> str:
     if batch is None:
         raise UserError(f"data.path {cfg.data.path!r} gave no batch of {args.num_images} images")
     views = [unnormalise(v[:args.num_images], spec.mean, spec.std) for v in batch.views]
+    _note_fewer_images(args, views[0].shape[0], f"data.path {cfg.data.path}")
     out = views_figure(views, args.out, tuple(f"view {i + 1}" for i in range(len(views))))
     return f"{len(views)} views of {views[0].shape[0]} images ({cfg.data.backend} backend, {cfg.data.augment} " \
            f"preset, {cfg.data.image_size} px) -> {out}"
@@ -94,11 +104,6 @@ def _cka(args) -> str:
     from fastssl.analysis.images import load_images
     from fastssl.analysis.plots import cka_figure
 
-    if args.checkpoint_b and args.random_init_b:
-        raise UserError("pass either --checkpoint-b or --random-init-b, not both")
-    if args.num_images > 4096:
-        raise UserError(f"--num-images {args.num_images} is too many for full-batch CKA (n x n Gram matrices "
-                        f"per layer); expected at most 4096")
     index = _images(args)
     if len(index) < 3:
         raise UserError(f"CKA needs at least 3 images to centre and compare features, got {len(index)}")
@@ -142,38 +147,56 @@ def _write_json(path: str, obj: dict) -> None:
     write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
+def _check_options(args) -> None:
+    """Everything a subcommand's options can get wrong, before minutes of feature extraction, not after."""
+    check_png_path(args.out)
+    if args.command == "cka":
+        if args.checkpoint_b and args.random_init_b:
+            raise UserError("pass either --checkpoint-b or --random-init-b, not both")
+        if args.num_images > 4096:
+            raise UserError(f"--num-images {args.num_images} is too many for full-batch CKA (n x n Gram matrices "
+                            f"per layer); expected at most 4096")
+        if args.batch_size < 1:
+            raise UserError(f"--batch-size {args.batch_size}; expected >= 1")
+        if args.json:
+            check_output_file(args.json, "--json")
+
+
 def _image_args(p: argparse.ArgumentParser, default_n: int) -> None:
     p.add_argument("--data", help="ImageFolder to take images from (spread evenly over its classes)")
     p.add_argument("--images", nargs="*", help="image files to use instead of --data")
-    p.add_argument("--num-images", type=int, default=default_n, help=f"images taken from --data ({default_n})")
+    p.add_argument("--num-images", type=int, help=f"images taken from --data ({default_n})")
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or encoder.pt")
     p.add_argument("--random-init", action="store_true", help="the checkpoint's architecture, untrained")
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("views", help="PNG grid of the augmented views of a few images")
     v.add_argument("config", help="recipe YAML or run directory (its config.yaml)")
-    v.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.backend=dali")
-    v.add_argument("--num-images", type=int, default=8)
+    v.add_argument("overrides", nargs="*", default=[], help="section.key=value overrides, e.g. data.backend=dali")
+    v.add_argument("--num-images", type=int, help=f"images shown ({NUM_IMAGES['views']})")
     c = sub.add_parser("curves", help="PNG of loss, lr, kNN and images/s over the steps of a run")
     c.add_argument("run_dir")
     k = sub.add_parser("cka", help="PNG heatmap of linear CKA between the layers of one or two encoders")
-    _image_args(k, 256)
+    _image_args(k, NUM_IMAGES["cka"])
     k.add_argument("--checkpoint-b", help="second encoder (columns); default: the first one")
     k.add_argument("--random-init-b", action="store_true", help="columns: the first encoder's architecture, untrained")
     k.add_argument("--batch-size", type=int, default=64)
     k.add_argument("--json", help="also write the matrix and layer names here")
     a = sub.add_parser("attention", help="PNG grid of [CLS] attention maps of a ViT")
-    _image_args(a, 4)
+    _image_args(a, NUM_IMAGES["attention"])
     for s in (v, c, k, a):
         s.add_argument("--out", required=True, help="PNG file to write")
-        s.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    args = p.parse_args(argv)
-    args.device = args.device or _default_device()
-    check_png_path(args.out)  # before minutes of feature extraction, not after
+        s.add_argument("--device", default="auto", help="auto | cpu | cuda (default: cuda when available)")
+    args = p.parse_command_args(argv)  # overrides of `views` may sit between options, as in tools/train.py
+    args.device = resolve_device(args.device)
+    args.num_images_given = getattr(args, "num_images", None) is not None
+    if args.command in NUM_IMAGES and not args.num_images_given:
+        args.num_images = NUM_IMAGES[args.command]
+    _check_options(args)
     run = {"views": _views, "curves": _curves, "cka": _cka, "attention": _attention}[args.command]
     print(run(args))
     return 0

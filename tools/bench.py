@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastssl.errors import cli_main  # noqa: E402
+from fastssl.errors import ArgumentParser, cli_main  # noqa: E402
+from fastssl.fileio import check_output_file  # noqa: E402
 
 # name -> (module, one-line help). A module provides HELP, add_arguments(parser), run(args) -> BenchRecord,
 # show(record) (the table) and plot(record, path). Only the chosen module is imported: `loss` should not
@@ -27,9 +28,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(argv: list[str]) -> ArgumentParser:
+    parser = ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
@@ -43,10 +43,20 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def check_outputs(args) -> None:
+    """--json and --plot of every subcommand, before a benchmark that may run for minutes."""
+    if args.json:
+        check_output_file(args.json, "--json")
+    if args.plot:
+        check_output_file(args.plot, "--plot", suffix=".png")
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
+    # Intermixed: `step`/`model` take section.key=value overrides that may sit between options, as in train.py.
+    args = build_parser(argv).parse_command_args(argv)
+    check_outputs(args)
     record = args.module.run(args)
     args.module.show(record)
     if args.json:

@@ -8,11 +8,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 import argparse  # noqa: E402
 
 from fastssl.data.shards import convert_image_folder  # noqa: E402
-from fastssl.errors import cli_main  # noqa: E402
+from fastssl.errors import ArgumentParser, cli_main  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("imagefolder", help="source dataset, IMAGEFOLDER/<class>/<image>")
     p.add_argument("out_dir", help="output folder (written elsewhere and renamed into place when complete)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per tar shard")

@@ -13,11 +13,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 import argparse  # noqa: E402
 
 from fastssl.data.beton import WRITE_MODES, convert_image_folder, print_skipped  # noqa: E402
-from fastssl.errors import cli_main  # noqa: E402
+from fastssl.errors import ArgumentParser, cli_main  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("imagefolder", help="ImageFolder root: ROOT/<class>/<image>")
     p.add_argument("out", help="output file, ending in .beton")
     p.add_argument("--max-resolution", type=int, default=0,

@@ -8,11 +8,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 import argparse  # noqa: E402
 
 from fastssl.data.synthetic import FAMILY_NAMES, make_synthetic_dataset  # noqa: E402
-from fastssl.errors import cli_main  # noqa: E402
+from fastssl.errors import ArgumentParser, cli_main  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("out", help="output folder; gets OUT/train/<class>/*.jpg and OUT/val/<class>/*.jpg")
     p.add_argument("--classes", type=int, default=10, help=f"number of shape families, 2-{len(FAMILY_NAMES)}")
     p.add_argument("--train-per-class", type=int, default=260)

@@ -10,14 +10,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastssl.errors import cli_main  # noqa: E402
+from fastssl.errors import ArgumentParser, cli_main  # noqa: E402
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="recipe YAML file (see recipes/)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=0.5 resume=RUN_DIR")
+    # default=[]: without one, argparse counts a nargs="*" positional as required and names it, next to the
+    # recipe, when the recipe is missing.
+    p.add_argument("overrides", nargs="*", default=[],
+                   help="section.key=value overrides, e.g. optim.lr=0.5 resume=RUN_DIR")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = p.parse_intermixed_args(argv)  # options may sit between the recipe and its overrides
 

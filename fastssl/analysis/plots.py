@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fastssl.errors import UserError
+from fastssl.fileio import check_output_file
 
 
 def _pyplot():
@@ -26,12 +27,8 @@ def _pyplot():
 
 
 def check_png_path(out: str | os.PathLike) -> Path:
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise UserError(f"output {str(out)!r} must be a .png file")
-    if not out.parent.is_dir():
-        raise UserError(f"output folder {str(out.parent)!r} does not exist")
-    return out
+    """A .png path that can be created (fileio.check_creatable); checked before any work is done."""
+    return check_output_file(out, "--out", suffix=".png")
 
 
 def save_figure(fig, out: str | os.PathLike, dpi: int = 110) -> Path:
@@ -42,8 +39,11 @@ def save_figure(fig, out: str | os.PathLike, dpi: int = 110) -> Path:
         raise
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
         os.replace(tmp, out)
+    except OSError as e:  # the folder was fine when checked up front, and changed (full disk, removed, read-only)
+        raise UserError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
     finally:
         _pyplot().close(fig)
         tmp.unlink(missing_ok=True)
@@ -73,16 +73,22 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
         raise UserError(f"{str(run_dir)!r} is not a run directory with metrics (no {path.name} in it)")
     records = []
     lines = path.read_text().splitlines()
+    last = max((i for i, line in enumerate(lines, 1) if line.strip()), default=0)
     for line_no, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             # A run killed mid-write leaves a partial last line; anything earlier is real corruption.
-            if line_no == len(lines):
+            if line_no == last and records:
                 break
-            raise UserError(f"{path}: line {line_no} is not JSON") from None
+            raise UserError(f"{path}: line {line_no} is not JSON{'' if records else ' and no record precedes it'}; "
+                            f"expected one JSON object per line") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: line {line_no} is a JSON {type(record).__name__}; expected a JSON object "
+                            f"per line")
+        records.append(record)
     if not records:
         raise UserError(f"{path} holds no records yet; train for at least train.log_every steps")
     return records

@@ -22,7 +22,7 @@ from fastssl.bench.record import BenchRecord, Column, Panel, describe_device, ne
 from fastssl.bench.sweep import check_names, console, grid, note, parse_list
 from fastssl.bench.timing import TimedWindow, WindowFigures
 from fastssl.config import DataConfig
-from fastssl.errors import UserError
+from fastssl.errors import UserError, resolve_device
 
 from pipelines.augment import PRESETS, AugmentSpec, preset
 from pipelines.base import LoaderContext, ViewLoader, build_loader
@@ -205,14 +205,6 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _device(choice: str) -> torch.device:
-    if choice not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device {choice!r}; expected auto, cpu or cuda")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but torch sees no CUDA GPU on this machine; use auto or cpu")
-    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
-
-
 def run(args) -> BenchRecord:
     names = parse_list(args.backend, "--backend", str)
     batches = parse_list(args.batch, "--batch", minimum=1)
@@ -220,7 +212,7 @@ def run(args) -> BenchRecord:
     if args.batches < 1 or args.warmup < 0:
         raise UserError(f"--batches {args.batches} / --warmup {args.warmup}: expected >= 1 / >= 0")
     spec = preset(args.augment, args.size)
-    ctx = LoaderContext(_device(args.device), seed=args.seed)
+    ctx = LoaderContext(torch.device(resolve_device(args.device)), seed=args.seed)
     backends, skipped = select_backends(names)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fastssl-bench-") as tmp:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from fastssl.bench.record import BenchRecord, Column, Panel, describe_device, new_record, print_table, save_plot
-from fastssl.errors import UserError
+from fastssl.errors import UserError, resolve_device
 
 HELP = "peak memory and forward+backward time of the contrastive loss impls over N and D"
 IMPLS = ("naive", "chunked", "triton")
@@ -73,11 +73,7 @@ def _int_list(text: str, option: str) -> list[int]:
 def _resolve(args) -> dict:
     from fastssl.losses import triton_infonce
 
-    if args.device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device {args.device!r}; expected auto, cpu or cuda")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but torch sees no CUDA GPU on this machine; use auto or cpu")
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    device = resolve_device(args.device)
     if args.loss not in LOSSES:
         raise UserError(f"--loss {args.loss!r}; valid: {', '.join(LOSSES)}")
     if args.dtype not in DTYPES:

@@ -119,14 +119,15 @@ def bench_model(cfg: Config, accelerator, steps: int, warmup: int, source_size: 
 # --- command line (shared with `bench step`) -------------------------------------------------------------
 
 def add_training_arguments(p) -> None:
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides, as tools/train.py")
+    p.add_argument("overrides", nargs="*", default=[], metavar="section.key=value",
+                   help="recipe overrides, as tools/train.py")
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help="recipe YAML (default: %(default)s, the demo)")
     p.add_argument("--batch", default="", help="global batch sizes, comma-separated (default: the recipe's on a "
                    f"GPU, {CPU_DEFAULTS['batch']} on a CPU); halved on out-of-memory down to --min-batch")
     p.add_argument("--min-batch", type=int, default=8, help="smallest batch the OOM back-off tries (default: 8)")
-    p.add_argument("--steps", type=int, default=0, help="timed steps per configuration (default: "
+    p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default: "
                    f"{GPU_DEFAULTS['steps']} on a GPU, {CPU_DEFAULTS['steps']} on a CPU)")
-    p.add_argument("--warmup", type=int, default=-1, help="untimed steps first (default: "
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: "
                    f"{GPU_DEFAULTS['warmup']} on a GPU, {CPU_DEFAULTS['warmup']} on a CPU)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
 
@@ -153,16 +154,19 @@ def method_names() -> list[str]:
 
 def resolve_training(args) -> dict:
     """Recipe + overrides checked once, device chosen, defaults for the device filled in."""
+    # None = the device's default; 0 is a value the user typed, not "unset".
+    for option, value, minimum in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+                                   ("--min-batch", args.min_batch, 1)):
+        if value is not None and value < minimum:
+            raise UserError(f"{option} {value}; expected an integer >= {minimum}")
     base = apply_overrides(load_yaml(args.recipe), list(args.overrides))
     cfg = config_from_dict(base)
     accelerator = make_accelerator(args.device, cfg.train.precision)
     cpu = accelerator.device.type == "cpu"
     defaults = CPU_DEFAULTS if cpu else dict(GPU_DEFAULTS, batch=cfg.data.batch_size)
     batches = parse_list(args.batch, "--batch", minimum=1) if args.batch else [defaults["batch"]]
-    steps = args.steps or defaults["steps"]
-    warmup = defaults["warmup"] if args.warmup < 0 else args.warmup
-    if steps < 1 or args.min_batch < 1:
-        raise UserError(f"--steps {args.steps} and --min-batch {args.min_batch}: expected positive integers")
+    steps = defaults["steps"] if args.steps is None else args.steps
+    warmup = defaults["warmup"] if args.warmup is None else args.warmup
     return dict(base=base, cfg=cfg, accelerator=accelerator, batches=batches, steps=steps, warmup=warmup,
                 min_batch=args.min_batch)
 

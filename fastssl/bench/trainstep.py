@@ -10,7 +10,7 @@ import torch
 
 from fastssl.bench import flops
 from fastssl.config import Config
-from fastssl.errors import UserError
+from fastssl.errors import resolve_device
 from fastssl.optim import build_optimizer
 from fastssl.schedule import scaled_lr
 from fastssl.train import (build_training_method, channels_last_views, compile_networks, forward_backward,
@@ -23,11 +23,7 @@ def make_accelerator(device: str = "auto", precision: str = "auto"):
     """One Accelerator per benchmark process (accelerate's state is a process-wide singleton)."""
     from accelerate import Accelerator
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device {device!r}; expected auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but torch sees no CUDA GPU on this machine; use auto or cpu")
-    cpu = device == "cpu" or not torch.cuda.is_available()
+    cpu = resolve_device(device) == "cpu"
     # resolve_precision picks bf16 whenever a GPU exists; a run forced onto the CPU trains in fp32 as train.py does.
     return Accelerator(mixed_precision="no" if cpu else resolve_precision(precision), cpu=cpu)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fastssl.data.imagefolder import (check_images, check_output_folder, load_rgb, scan_image_folder,
-                                      stale_temporaries)
+from fastssl.data.imagefolder import check_images, load_rgb, scan_image_folder
+from fastssl.fileio import check_creatable, stale_temporaries
 from fastssl.errors import UserError
 
 IMAGE_FIELD, LABEL_FIELD = "image", "label"
@@ -98,7 +98,7 @@ def _validate(out: Path, overwrite: bool, max_resolution, jpeg_quality, write_mo
               chunk_size) -> None:
     if out.suffix != ".beton":
         raise UserError(f"output {out} must end in .beton")
-    check_output_folder(out)
+    check_creatable(out, "output")
     if out.is_dir():
         raise UserError(f"output {out} is a folder; expected the path of a .beton file")
     if out.exists() and not overwrite:
@@ -154,6 +154,10 @@ def convert_image_folder(src, out, *, max_resolution: int | None = None, jpeg_qu
         raise UserError(f"no readable images in {index.root}: all {len(index)} failed to decode")
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder of {out}: {e.strerror or e}") from None
     image_field = RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
                                 jpeg_quality=jpeg_quality, compress_probability=compress_probability,
                                 smart_threshold=smart_threshold)

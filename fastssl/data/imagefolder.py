@@ -4,16 +4,11 @@ Semantics follow torchvision's `ImageFolder` so a dataset that works there works
 sorted sub-folder names, files are found recursively and kept by extension (case-insensitive), images are
 decoded with PIL and converted with `convert("RGB")`. Unlike torchvision, every problem a user can fix
 (missing root, empty class, corrupt file) is a one-line `UserError` naming the path.
-
-The converters (fastssl.data.shards, fastssl.data.beton) start from this index; the checks they share on
-where they write, and the clean-up of what a killed conversion left behind, are here too.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,54 +121,3 @@ def check_images(index: ImageFolderIndex, workers: int = 1) -> list[tuple[str, s
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return [r for r in pool.map(_problem, paths, chunksize=chunk) if r is not None]
 
-
-def check_output_folder(out: Path) -> None:
-    """The folder that will hold `out` must exist, be a folder and be writable; says which it is not.
-    Writable is probed by creating a file: as root, os.access says yes to folders such as /proc."""
-    parent = out.parent
-    if parent.is_dir():
-        try:
-            fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".probe")
-        except OSError as e:
-            raise UserError(f"output folder {parent} is not writable ({e.strerror or e}); expected a folder you "
-                            f"can write {out.name} in") from None
-        os.close(fd)
-        os.unlink(probe)
-        return
-    nearest = parent
-    while not nearest.exists() and nearest != nearest.parent:
-        nearest = nearest.parent
-    if nearest == parent:
-        raise UserError(f"output folder {parent} is a file, not a folder; expected an existing folder to write "
-                        f"{out.name} in")
-    if not nearest.is_dir():
-        raise UserError(f"output folder {parent} does not exist: {nearest} is a file, not a folder; expected an "
-                        f"existing folder to write {out.name} in")
-    raise UserError(f"output folder {parent} does not exist; expected an existing folder to write {out.name} in "
-                    f"(create it first)")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):  # another user's process, or not a pid we can judge: keep it
-        return True
-    return True
-
-
-def stale_temporaries(folder: Path, pattern: str) -> list[tuple[Path, re.Match]]:
-    """Entries of `folder` whose name fully matches `pattern` (which has a `pid` group) and whose writer
-    process is gone: what a SIGKILL left. Our own pid counts as gone, as that leftover can only come from
-    an earlier process the pid was reused from (the caller is about to write those names itself)."""
-    found = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return []
-    for entry in entries:
-        m = re.fullmatch(pattern, entry.name)
-        if m and (int(m["pid"]) == os.getpid() or not _pid_alive(int(m["pid"]))):
-            found.append((Path(entry.path), m))
-    return found

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fastssl.data.imagefolder import check_output_folder, scan_image_folder, stale_temporaries
+from fastssl.data.imagefolder import scan_image_folder
+from fastssl.fileio import check_creatable, stale_temporaries
 from fastssl.errors import UserError
 
 FORMAT = "fastssl-webdataset"
@@ -173,7 +174,7 @@ def convert_image_folder(src: str | os.PathLike, out_dir: str | os.PathLike, sha
     if not isinstance(workers, int) or workers < 1:
         raise UserError(f"workers={workers!r}; expected an integer >= 1")
     out = Path(out_dir).expanduser().absolute()
-    check_output_folder(out)
+    check_creatable(out, "output")
     _check_not_nested(Path(src).expanduser().absolute(), out)
     index = scan_image_folder(src)
     _clean_up_after_killed_runs(out)
@@ -191,6 +192,7 @@ def convert_image_folder(src: str | os.PathLike, out_dir: str | os.PathLike, sha
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         jobs = [(k, str(tmp), [index.samples[i] for i in chunk]) for k, chunk in enumerate(chunks)]
         if workers == 1 or len(jobs) == 1:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastssl.eval.linear import topk_accuracy
+from fastssl.errors import UserError
+from fastssl.eval.linear import short_list, topk_accuracy
 
 
 @torch.no_grad()
@@ -30,11 +31,33 @@ def knn_accuracy(train_feats, train_labels, val_feats, val_labels, num_classes: 
     return topk_accuracy(knn_predict(train_feats, train_labels, val_feats, num_classes, k, temperature), val_labels)
 
 
+def check_knn_settings(k, temperature) -> None:
+    """k and T as the user gave them (tools/eval.py --k / --temperature, recipe eval.knn_k / eval.knn_t)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise UserError(f"kNN k (--k / eval.knn_k) {k!r}; expected an integer >= 1")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise UserError(f"kNN temperature (--temperature / eval.knn_t) {temperature!r}; expected a number > 0")
+
+
+def check_same_classes(train, val, train_what: str = "kNN train folder", val_what: str = "kNN val folder") -> None:
+    """Labels are class indices into each folder's sorted class names: different names make them incomparable."""
+    if train.classes != val.classes:
+        raise UserError(f"{val_what} {val.root} has {len(val.classes)} classes {short_list(val.classes)} but the "
+                        f"{train_what} {train.root} has {len(train.classes)} {short_list(train.classes)}; "
+                        f"expected the same class folders")
+
+
 def knn_eval(encoder, train_data, val_data, image_size: int, *, k: int = 20, temperature: float = 0.07,
              batch_size: int = 256, device="cpu", workers: int = 2) -> dict[str, float]:
-    """kNN top-1/top-5 (%) of `encoder` with `train_data` as the memory bank and `val_data` as queries."""
+    """kNN top-1/top-5 (%) of `encoder` with `train_data` as the memory bank and `val_data` as queries
+    (ImageFolders or ImageFolderIndex); both must hold the same class names."""
+    from fastssl.data.imagefolder import ImageFolderIndex, scan_image_folder
     from fastssl.eval.features import extract_features
 
-    tr, tr_y, num_classes = extract_features(encoder, train_data, image_size, batch_size, device, workers)
-    va, va_y, _ = extract_features(encoder, val_data, image_size, batch_size, device, workers)
+    check_knn_settings(k, temperature)  # before the (slow) feature extraction
+    train = train_data if isinstance(train_data, ImageFolderIndex) else scan_image_folder(train_data)
+    val = val_data if isinstance(val_data, ImageFolderIndex) else scan_image_folder(val_data)
+    check_same_classes(train, val)
+    tr, tr_y, num_classes = extract_features(encoder, train, image_size, batch_size, device, workers)
+    va, va_y, _ = extract_features(encoder, val, image_size, batch_size, device, workers)
     return knn_accuracy(tr, tr_y, va, va_y, num_classes, k, temperature)

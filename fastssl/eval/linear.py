@@ -37,7 +37,8 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float
     return {"top1": 100.0 * hit[:, 0].float().mean().item(), "top5": 100.0 * hit.any(1).float().mean().item()}
 
 
-def _head(names, n: int = 4) -> str:
+def short_list(names, n: int = 4) -> str:
+    """'[a, b, c, d, ...]': enough of a class list to see where two folders differ, on one line."""
     return "[" + ", ".join(names[:n]) + (", ...]" if len(names) > n else "]")
 
 
@@ -108,14 +109,12 @@ def linear_eval(encoder: nn.Module, train_path, val_path, image_size: int, *, ba
     ImageFolderIndex), both seen as centre crops through the frozen `encoder`."""
     from fastssl.data.imagefolder import ImageFolderIndex, scan_image_folder
     from fastssl.eval.features import extract_features
+    from fastssl.eval.knn import check_same_classes
 
     _check(2, epochs, lr, batch_size, optimizer)  # fail before the (slow) feature extraction
     train = train_path if isinstance(train_path, ImageFolderIndex) else scan_image_folder(train_path)
     val = val_path if isinstance(val_path, ImageFolderIndex) else scan_image_folder(val_path)
-    if train.classes != val.classes:
-        raise UserError(f"val folder {val.root} has {len(val.classes)} classes {_head(val.classes)} but the probe's "
-                        f"train folder {train.root} has {len(train.classes)} {_head(train.classes)}; expected the "
-                        f"same class folders")
+    check_same_classes(train, val, "probe's train folder", "val folder")
     # Cached once (no_grad, eval mode): the encoder is frozen, so every probe epoch would see the same features.
     tr, tr_y, num_classes = extract_features(encoder, train, image_size, batch_size, device, workers)
     va, va_y, _ = extract_features(encoder, val, image_size, batch_size, device, workers)

@@ -18,6 +18,7 @@ from torch import nn
 
 from fastssl.data.imagefolder import ImageFolderIndex, scan_image_folder
 from fastssl.errors import UserError
+from fastssl.eval.knn import check_knn_settings, check_same_classes
 
 
 def balanced_subset(index: ImageFolderIndex, n: int, seed: int = 0) -> ImageFolderIndex:
@@ -56,15 +57,14 @@ class KnnMonitor:
         if not Path(train_path).is_dir():
             raise UserError(f"eval.knn_train_path {train_path!r} is not an ImageFolder directory (set it when "
                             f"data.path is not one)")
+        check_knn_settings(ev.knn_k, ev.knn_t)
         for key in ("knn_monitor_train_samples", "knn_monitor_val_samples"):
             if getattr(ev, key) < 1:
                 raise UserError(f"eval.{key} must be >= 1, got {getattr(ev, key)}")
         # Scanned now, not at the first epoch's end: a wrong path fails before any training time is spent.
         self.train = balanced_subset(scan_image_folder(train_path), ev.knn_monitor_train_samples, cfg.seed)
         self.val = balanced_subset(scan_image_folder(ev.knn_val_path), ev.knn_monitor_val_samples, cfg.seed)
-        if self.train.classes != self.val.classes:
-            raise UserError(f"eval.knn_val_path {ev.knn_val_path!r} has {len(self.val.classes)} classes but the kNN "
-                            f"train folder {train_path!r} has {len(self.train.classes)}; expected the same classes")
+        check_same_classes(self.train, self.val, "kNN train folder", "eval.knn_val_path")
         self.k, self.t = ev.knn_k, ev.knn_t
         self.image_size, self.batch_size = cfg.data.image_size, ev.batch_size
         self.workers, self.device = cfg.data.workers, torch.device(device)
