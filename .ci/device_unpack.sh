@@ -29,6 +29,7 @@ _unpack() {
         }
     done
     sp=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') || return 2
+    [ -n "$sp" ] && [ -d "$sp" ] || { echo "device_unpack: no site-packages folder from $PY ($sp)" >&2; return 2; }
     mkdir -p "$BUNDLE_LIB" || return 2
     local stage
     stage=$(mktemp -d)

@@ -253,7 +253,9 @@ def test_parse_list_and_grid():
 
 @pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
                                    RuntimeError("CUDA error: out of memory"),
-                                   RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory")])
+                                   RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory"),
+                                   RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"),
+                                   RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED")])
 def test_backoff_halves_until_the_batch_fits(error):
     calls, messages = [], []
 

@@ -237,6 +237,7 @@ def _worker(point: dict) -> dict:
     out = {}
     if device.type == "cuda":
         step(x, y)  # full-size warm-up: the allocator's peak is reset below, so it costs only time
+        x.grad = y.grad = None  # as each step starts: the peak below then counts the gradients, as on the CPU
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         runs = [step(x, y)]

@@ -22,8 +22,9 @@ from fastssl.errors import UserError
 
 # What the allocators say when they give up: CUDA's caching allocator raises torch.cuda.OutOfMemoryError
 # (a RuntimeError) "CUDA out of memory"; older paths and other back-ends raise a plain RuntimeError with
-# "out of memory"; the CPU allocator says "can't allocate memory"; MPS says "MPS backend out of memory".
-_OOM_MESSAGES = ("out of memory", "can't allocate memory")
+# "out of memory"; the CPU allocator says "can't allocate memory"; MPS says "MPS backend out of memory";
+# cuBLAS and cuDNN, asking for workspace when the cache is full, report their own allocation failures.
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed")
 
 
 def note(text: str) -> None:
