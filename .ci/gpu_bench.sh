@@ -132,7 +132,7 @@ part loader_gpu 420 bash -c "$PY tools/bench.py loader --backend torch $LOADER_A
     . .ci/device_unpack.sh; $PY tools/convert_ffcv.py ${BIG:-none}/train $W/big.beton --workers 16 --overwrite; \
     $PY tools/bench.py loader --backend dali $LOADER_ARGS --json $W/loader_gpu_dali.json; \
     $PY tools/bench.py loader --backend ffcv --beton $W/big.beton $LOADER_ARGS --json $W/loader_gpu_ffcv.json; \
-    rm -f $W/big.beton; $PY -m pytest -q -p no:cacheprovider tests/test_dali.py -k gpu"
+    rm -f $W/big.beton; $PY -m pytest -q -p no:cacheprovider tests/test_dali.py tests/test_ffcv.py -k gpu"
 # The demo recipe end to end on the GPU (views made there, bf16, encoder compiled: model.compile=auto).
 part demo 150 bash -c "$PY tools/make_synthetic.py $DATA.demo && $PY tools/train.py \
     recipes/simclr_resnet18_synthetic.yaml data.path=$DATA.demo/train eval.knn_val_path=$DATA.demo/val \

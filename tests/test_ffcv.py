@@ -35,12 +35,12 @@ def data(tmp_path_factory):
 
 
 def make_loader(path, *, spec=None, process_index=0, num_processes=1, batch_size=8, order="shared",
-                drop_last=True, workers=1, decode="once", os_cache=True):
+                drop_last=True, workers=1, decode="once", os_cache=True, device="cpu"):
     from pipelines.augment import preset
     from pipelines.base import LoaderContext
     from pipelines.ffcv import FFCVViewLoader
 
-    ctx = LoaderContext(device=torch.device("cpu"), process_index=process_index, num_processes=num_processes,
+    ctx = LoaderContext(device=torch.device(device), process_index=process_index, num_processes=num_processes,
                         seed=7)
     return FFCVViewLoader(str(path), spec or preset("simclr", 16), ctx, batch_size=batch_size, workers=workers,
                           order=order, drop_last=drop_last, decode=decode, os_cache=os_cache)
@@ -248,3 +248,26 @@ def test_bad_settings_are_user_errors(data, tmp_path):
     for cfg, context, fragment in cases:
         with pytest.raises(UserError, match=fragment):
             build_loader(cfg, spec, context)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device copy of ffcv's pinned slots needs a CUDA GPU")
+def test_gpu_views_equal_cpu_views_over_reused_slots(data):
+    # With every random op off, a view is a function of its host-drawn crop box: the GPU loader (regions copied
+    # asynchronously from ffcv's pinned ring buffer, the slot released only once the copy ran) must give the
+    # CPU loader's views. Two epochs of 3 batches cycle through ffcv's batches_ahead + 2 slots.
+    from dataclasses import replace
+
+    from pipelines.augment import preset
+
+    base = preset("simclr", 16)
+    spec = replace(base, views=tuple(replace(v, flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
+                                     for v in base.views))
+    cpu, gpu = make_loader(data["raw"], spec=spec), make_loader(data["raw"], spec=spec, device="cuda")
+    for epoch in range(2):
+        cpu.set_epoch(epoch)
+        gpu.set_epoch(epoch)
+        for bc, bg in zip(cpu, gpu, strict=True):
+            assert all(v.is_cuda for v in bg.views) and torch.equal(bg.indices.cpu(), bc.indices)
+            for vc, vg in zip(bc.views, bg.views):
+                assert (vg.cpu() - vc).abs().max() < 1e-3
+
