@@ -23,7 +23,7 @@ def main(out: str, method_name: str, reduction: str = "ddp") -> None:
 
     from fastssl.config import load_config
     from fastssl.optim import build_optimizer
-    from fastssl.train import build_training_method, make_accelerator
+    from fastssl.step import build_training_method, make_accelerator
     from pipelines.base import ViewBatch
 
     overrides = {

@@ -99,7 +99,7 @@ def test_gradient_accumulation_steps_on_the_mean_of_the_micro_batch_losses():
 
     from fastssl.config import config_from_dict
     from fastssl.methods import build_method
-    from fastssl.train import forward_backward
+    from fastssl.step import forward_backward
     from pipelines.base import ViewBatch
 
     torch.manual_seed(0)

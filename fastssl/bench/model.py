@@ -1,7 +1,7 @@
 """`bench model`: the training step minus I/O, through the code training runs.
 
 A uint8 batch already on the device goes through the augmentation operators (`ops.make_view` on crop
-boxes from `ops.sample_crop_boxes`, as the torch and FFCV backends do), then fastssl/train.py's step
+boxes from `ops.sample_crop_boxes`, as the torch and FFCV backends do), then fastssl/step.py's step
 (fastssl/bench/trainstep.py: method, autocast, backward, optimiser, after_step). Its images/s is the
 ceiling the real loader is measured against (`bench step`), and its FLOPs (counted, fastssl/bench/flops.py)
 give achieved TFLOP/s and, on GPUs in the peak table, MFU.

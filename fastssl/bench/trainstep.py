@@ -1,4 +1,4 @@
-"""fastssl/train.py's training step, for the benchmarks: same method, autocast, backward and optimiser.
+"""fastssl/step.py's training step, for the benchmarks: same method, autocast, backward and optimiser.
 
 `bench model` feeds it a synthetic batch and `bench step` the real loader, so the two differ only in where
 the views come from, which is what the input-bound ratio compares.
@@ -13,7 +13,7 @@ from fastssl.config import Config
 from fastssl.errors import resolve_device
 from fastssl.optim import build_optimizer
 from fastssl.schedule import scaled_lr
-from fastssl.train import (build_training_method, channels_last_views, compile_networks, forward_backward,
+from fastssl.step import (build_training_method, channels_last_views, compile_networks, forward_backward,
                            optimizer_step, resolve_compile, resolve_precision)
 
 from pipelines.base import ViewBatch
@@ -29,7 +29,7 @@ def make_accelerator(device: str = "auto", precision: str = "auto"):
 
 
 class TrainingStep:
-    """fastssl/train.py's step: forward under autocast, backward, optimiser step, zero_grad, after_step.
+    """fastssl/step.py's step: forward under autocast, backward, optimiser step, zero_grad, after_step.
 
     The learning rate stays at the scaled peak (the schedule changes no arithmetic), and `after_step`
     is told a long run so MoCo v3's momentum schedule stays in its normal range.

@@ -1,0 +1,106 @@
+"""One training step, shared by the loop (fastssl/train.py) and the benchmarks (fastssl/bench/trainstep.py), so
+that a benchmark measures the code that trains: the Accelerator, the method as trained (global BN,
+channels-last, compiled networks), autocast, backward over micro-batches and the optimiser step."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from fastssl.config import Config
+from fastssl.errors import UserError
+from fastssl.methods import build_method
+from fastssl.methods.base import LossOutput
+from fastssl.sync_bn import convert_global_bn
+
+from pipelines.base import ViewBatch
+
+
+def resolve_precision(precision: str) -> str:
+    valid = ("auto", "bf16", "fp16", "fp32")
+    if precision not in valid:
+        raise UserError(f"unknown train.precision {precision!r}; valid: {', '.join(valid)}")
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if precision in ("bf16", "fp16") and not cuda:
+        return "no"  # CPU autocast to bf16 is slow and changes numerics; the CPU path trains in fp32
+    return "no" if precision == "fp32" else precision
+
+
+def resolve_compile(flag: str, device: torch.device) -> bool:
+    valid = ("auto", "true", "false")
+    if flag not in valid:
+        raise UserError(f"unknown model.compile {flag!r}; valid: {', '.join(valid)}")
+    return flag == "true" or (flag == "auto" and device.type == "cuda")
+
+
+def split_batch(batch: ViewBatch, parts: int) -> list[ViewBatch]:
+    if parts == 1:
+        return [batch]
+    views = [v.chunk(parts) for v in batch.views]
+    return [ViewBatch(tuple(v[i] for v in views), batch.labels.chunk(parts)[i], batch.indices.chunk(parts)[i])
+            for i in range(parts)]
+
+
+def make_accelerator(cfg: Config):
+    """The loop's Accelerator: precision from the recipe, the CPU when torch sees no GPU. DDP runs with its
+    defaults: every trainable parameter gets a gradient each step (the momentum copies are frozen, so no
+    find_unused_parameters graph walk)."""
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=resolve_precision(cfg.train.precision), cpu=not torch.cuda.is_available())
+
+
+def build_training_method(cfg: Config, device: torch.device):
+    """The method as the loop trains it: global BN when distributed, channels-last on CUDA. Returns it and
+    whether batches must be made channels-last too. Shared with the benchmarks (fastssl/bench/trainstep.py)."""
+    method = build_method(cfg)
+    if method.global_bn:
+        method = convert_global_bn(method, device)
+    channels_last = cfg.model.channels_last and device.type == "cuda"
+    if channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    return method, channels_last
+
+
+def compile_networks(method) -> None:
+    # nn.Module.compile keeps parameter names, so checkpoints load in eager mode too. Only the networks are
+    # compiled: momentum updates and queue writes stay outside the graphs (no recompiles per step).
+    for net in method.compiled_modules():
+        net.compile(dynamic=False)
+
+
+def channels_last_views(batch: ViewBatch) -> ViewBatch:
+    return ViewBatch(tuple(v.contiguous(memory_format=torch.channels_last) for v in batch.views), batch.labels,
+                     batch.indices)
+
+
+def forward_backward(method, accelerator, batch: ViewBatch, grad_accum: int) -> LossOutput:
+    """Forward under autocast and backward, over `grad_accum` micro-batches. Returns the step's loss and logs
+    (means over the micro-batches, detached when there are several)."""
+    if grad_accum == 1:
+        with accelerator.autocast():
+            out = method(batch)
+        accelerator.backward(out.loss)
+        return out
+    outs = []
+    for i, micro in enumerate(split_batch(batch, grad_accum)):
+        # DDP reduces the gradients once, after the last micro-batch: the sum is the same, the traffic 1/k.
+        with accelerator.no_sync(method) if i < grad_accum - 1 else contextlib.nullcontext():
+            with accelerator.autocast():
+                out = method(micro)
+            accelerator.backward(out.loss / grad_accum)
+        outs.append(out)
+    mean = lambda values: sum(values) / grad_accum  # noqa: E731
+    return LossOutput(mean([o.loss.detach() for o in outs]),
+                      {k: mean([o.logs[k] for o in outs]) for k in outs[-1].logs})
+
+
+def optimizer_step(method, optimizer, accelerator, batch: ViewBatch, grad_accum: int):
+    """One training step before the method's after_step hook: forward_backward, step, zero_grad."""
+    out = forward_backward(method, accelerator, batch, grad_accum)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
