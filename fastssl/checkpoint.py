@@ -26,7 +26,7 @@ ENCODER_FILE = "encoder.pt"
 # What torch.load(weights_only=True) raises for an empty, truncated, corrupt or foreign file: the zip reader's
 # RuntimeError / OSError, and the weights-only unpickler's errors on a malformed byte stream (a non-zip file is
 # read as a legacy pickle). Anything else (TypeError, AttributeError, ...) is a bug and keeps its traceback.
-_UNREADABLE = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError, IndexError,
+UNREADABLE_ERRORS = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError, IndexError,
                struct.error)
 
 
@@ -99,7 +99,7 @@ def load_encoder_checkpoint(path: str | os.PathLike) -> dict:
     f = _find_encoder_file(path)
     try:
         ckpt = torch.load(f, map_location="cpu", weights_only=True)
-    except _UNREADABLE as e:  # say which file and why, not a pickle traceback
+    except UNREADABLE_ERRORS as e:  # say which file and why, not a pickle traceback
         if isinstance(e, pickle.UnpicklingError):  # torch's text advises weights_only=False: wrong for a bad file
             why = "the weights-only unpickler rejected its contents"
         else:

@@ -31,15 +31,25 @@ class MetricsLog:
             self._f.close()
 
 
-def _truncate_after(path: Path, step: int) -> None:
-    kept = []
+def _whole_records(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of each line that is a JSON object; a line cut short by a crash is not one."""
+    out = []
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:  # the last line of a run killed mid-write
+        except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            kept.append(line)
+        if isinstance(record, dict):
+            out.append((line, record))
+    return out
+
+
+def read_records(path: Path) -> list[dict]:
+    return [record for _, record in _whole_records(path)] if path.exists() else []
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    kept = [line for line, record in _whole_records(path) if record.get("step", 0) <= step]
     write_atomic(path, "".join(f"{line}\n" for line in kept))
 
 

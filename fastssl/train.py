@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import json
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fastssl.checkpoint import latest_checkpoint, load_encoder, save_checkpoint
+from fastssl.checkpoint import UNREADABLE_ERRORS, latest_checkpoint, load_encoder, save_checkpoint
 from fastssl.config import Config, config_to_dict, dump_config
 from fastssl.data.imagefolder import scan_image_folder
 from fastssl.errors import UserError
 from fastssl.fileio import write_atomic
 from fastssl.eval.knn import check_same_classes
 from fastssl.eval.monitor import KnnMonitor
-from fastssl.metrics import MetricsLog, Progress
+from fastssl.metrics import MetricsLog, Progress, read_records
 from fastssl.optim import build_optimizer
 from fastssl.recipe_checks import check_values
 from fastssl.rundir import prepare_run_dir, stopped_before_first_checkpoint
@@ -63,8 +62,21 @@ def _knn_sets(cfg: Config):
             raise UserError(f"data.path {train_path!r} is not an ImageFolder directory, and the kNN evaluation's "
                             f"memory bank defaults to it; set eval.knn_train_path to one")
     train_index, val_index = scan_image_folder(train_path), scan_image_folder(cfg.eval.knn_val_path)
-    check_same_classes(train_index, val_index)
+    check_same_classes(train_index, val_index, "eval.knn_train_path (or data.path)", "eval.knn_val_path")
     return train_index, val_index
+
+
+def raise_together(accelerator, failure: str | None) -> None:
+    """Raise UserError(failure) on every process if any process has one: a rank that raised alone would leave
+    the others waiting at their next collective until its timeout."""
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        failures: list = [None] * accelerator.num_processes
+        dist.all_gather_object(failures, failure)
+        failure = next((f for f in failures if f), None)
+    if failure:
+        raise UserError(failure)
 
 
 def train(cfg: Config) -> dict:
@@ -110,35 +122,39 @@ def train(cfg: Config) -> dict:
     if main and restarting:
         print(f"output_dir {str(run_dir)!r} holds a run stopped before its first checkpoint: starting it again",
               flush=True)
+    failure = None
     if resuming:
         checkpoint = latest_checkpoint(run_dir)
         try:
             accelerator.load_state(str(checkpoint))
-        except (RuntimeError, OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
+        except UNREADABLE_ERRORS as e:
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"cannot resume from {str(checkpoint)!r} ({why}); its files are incomplete or "
-                            f"corrupt: remove that step folder to resume from the one before") from None
-        if main and state.world_size != world:
-            print(f"resuming a run saved on {state.world_size} process(es) on {world}: same global batch "
-                  f"{cfg.data.batch_size}, so the same images in each step and the same loss over them; the "
-                  f"random views and per-process BN groups are drawn per process, so they differ", flush=True)
+            failure = (f"cannot resume from {str(checkpoint)!r} ({why}); its files are incomplete or corrupt: "
+                       f"remove that step folder to resume from the one before")
+    raise_together(accelerator, failure)  # one rank's unreadable file stops every rank, none waits
+    if main and resuming and state.world_size != world:
+        print(f"resuming a run saved on {state.world_size} process(es) on {world}: same global batch "
+              f"{cfg.data.batch_size}, so the same images in each step and the same loss over them; the "
+              f"random views and per-process BN groups are drawn per process, so they differ", flush=True)
     state.world_size = world
-    accelerator.wait_for_everyone()
     stop_at = cfg.train.stop_after_steps if 0 < cfg.train.stop_after_steps < total else total
-    if resuming and state.step >= stop_at:  # nothing to train: leave the checkpoint and summary as they are
-        if main:
+    finished = resuming and state.step >= stop_at  # nothing to train (every rank loaded the same step)
+    if finished and (state.step < total or (run_dir / "summary.json").is_file()):
+        if main:  # leave the checkpoints and the summary as they are
             print(f"{run_dir} is already at step {state.step} of {total}"
                   + ("" if state.step >= total else f" (train.stop_after_steps={cfg.train.stop_after_steps})")
                   + "; nothing to do", flush=True)
-        if state.step >= total and (run_dir / "summary.json").is_file():
+        if state.step >= total:
             return json.loads((run_dir / "summary.json").read_text())
         return {"stopped_at_step": state.step}
-    if main:
+    # (finished without a summary: killed during the final evaluation; the loop is skipped, the evaluation runs)
+    if main and not finished:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(run_dir / "config.yaml", dump_config(cfg))
         except OSError as e:  # changed since check_creatable looked (full disk, removed, read-only)
-            raise UserError(f"output_dir {str(run_dir)!r} cannot be written: {e.strerror}") from None
+            failure = f"output_dir {str(run_dir)!r} cannot be written: {e.strerror}"
+    raise_together(accelerator, failure)
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main, resume_step=state.step if resuming else None)
     progress = Progress(total, state.step, enabled=main and cfg.train.progress)
@@ -197,7 +213,7 @@ def train(cfg: Config) -> dict:
             if state.step >= stop_at:
                 break
 
-    if not (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0):
+    if not finished and not (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0):
         save_checkpoint(accelerator, run_dir, state.step, unwrapped.encoder, config_dict, cfg.train.keep_checkpoints)
     progress.close()
     metrics.close()
@@ -208,6 +224,8 @@ def train(cfg: Config) -> dict:
                   f"resume={run_dir}", flush=True)
         return {"stopped_at_step": state.step}
 
+    if finished:  # resumed only for the final evaluation: the throughput is the logged one
+        throughput = [r["images_per_s"] for r in read_records(run_dir / "metrics.jsonl") if "images_per_s" in r]
     # Skip the first logging window in the mean: it pays worker start-up and allocator warm-up.
     summary = {"steps": state.step, "wall_s": round(wall, 1),
                "images_per_s": float(sum(throughput[1:]) / max(1, len(throughput) - 1)) if len(throughput) > 1

@@ -198,6 +198,22 @@ def test_resuming_a_finished_run_changes_nothing(tiny_data, tmp_path):
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == files
 
 
+def test_a_run_killed_during_its_final_evaluation_is_completed_by_resume(tiny_data, tmp_path, monkeypatch):
+    import fastssl.eval.knn
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(fastssl.eval.knn, "knn_eval", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            train(_cfg(tiny_data, out, "train.max_steps=2"))
+    assert latest_checkpoint(out).name == "step_00000002" and not (out / "summary.json").exists()
+    ckpt = {p: p.stat().st_mtime_ns for p in latest_checkpoint(out).iterdir()}
+    summary = train(_cfg(tiny_data, out, "train.max_steps=2", f"resume={out}"))
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert summary["steps"] == 2 and 0 <= summary["knn_top1"] <= 100 and summary["images_per_s"] > 0
+    assert {p: p.stat().st_mtime_ns for p in latest_checkpoint(out).iterdir()} == ckpt  # not trained or saved again
+
+
 def test_resuming_from_a_damaged_checkpoint_is_one_line_naming_it(tiny_data, tmp_path):
     out = tmp_path / "run"
     train(_cfg(tiny_data, out, "train.max_steps=4", "train.stop_after_steps=2", "eval.knn_val_path="))
