@@ -26,12 +26,13 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
         raise
 
 
-def check_creatable(path: str | os.PathLike, option: str) -> Path:
+def check_creatable(path: str | os.PathLike, option: str, *, contents_only: bool = False) -> Path:
     """`path` (a file or folder to be written, with any missing parent folders) can be created by this
     process: its nearest existing ancestor is a folder in which a file can be created. Probed by creating one,
-    since as root os.access says yes to folders such as /proc that refuse new files."""
+    since as root os.access says yes to folders such as /proc that refuse new files. With `contents_only`, an
+    existing folder `path` is written into, never renamed or removed: only it must take new files."""
     path = Path(path)
-    folder = path.parent
+    folder = path if contents_only and path.is_dir() else path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():

@@ -50,7 +50,7 @@ def prepare_run_dir(cfg: Config) -> tuple[Config, Path, bool]:
     run = Path(cfg.output_dir)
     if run.exists() and not run.is_dir():
         raise UserError(f"output_dir {cfg.output_dir!r} exists and is not a directory")
-    check_creatable(run, "output_dir")
+    check_creatable(run, "output_dir", contents_only=True)
     if run.is_dir() and any(run.iterdir()) and not stopped_before_first_checkpoint(run):
         raise UserError(f"output_dir {cfg.output_dir!r} already holds a run; pass resume={cfg.output_dir} to "
                         f"continue it, or choose another output_dir")

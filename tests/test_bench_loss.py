@@ -11,7 +11,6 @@ import pytest
 from conftest import ROOT, assert_user_error, run_tool
 from fastssl.bench import loss as bench_loss
 from fastssl.bench.record import SCHEMA_FIELDS, VERSION_KEYS, BenchRecord, new_record
-from fastssl.fileio import write_atomic
 from fastssl.errors import UserError
 
 
@@ -110,9 +109,6 @@ def test_record_round_trips_and_rejects_other_schemas(tmp_path):
     del bad["figures"]
     with pytest.raises(UserError, match="figures"):
         BenchRecord.from_json(json.dumps(bad))
-    path = tmp_path / "sub" / "r.json"
-    write_atomic(path, "x")
-    assert path.read_text() == "x" and [p.name for p in path.parent.iterdir()] == ["r.json"]
 
 
 def test_ratios_compare_each_impl_with_naive_at_the_same_point():

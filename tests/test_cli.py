@@ -5,14 +5,12 @@ tool's main() is called as `python tools/<tool>.py` would call it, without a new
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import torch
 
 from conftest import ROOT
 from fastssl.errors import ArgumentParser, UserError, cli_main, resolve_device
-from fastssl.fileio import check_output_file
 
 # One bad command line per tool: a bad value, a bad choice, a missing argument or an unknown option.
 BAD_ARGS = {
@@ -24,6 +22,8 @@ BAD_ARGS = {
     "make_synthetic": (["out", "--size", "abc"], "'abc'"),
     "train": ([], "recipe"),
 }
+
+
 def test_every_tool_has_a_bad_command_line_case():
     assert set(BAD_ARGS) == {p.stem for p in (ROOT / "tools").glob("*.py")}
 
@@ -106,30 +106,6 @@ def test_every_rank_prints_and_non_main_ranks_say_which(env, prefix, monkeypatch
 
 
 # --- outputs and devices ----------------------------------------------------------------------------------------
-
-def _a_file(tmp):
-    (tmp / "afile").write_text("x")
-    return tmp / "afile" / "sub" / "x.json"
-
-
-@pytest.mark.parametrize("make, fragment", [
-    (lambda tmp: tmp, "is a folder"),
-    (_a_file, "is a file, not a folder"),
-    (lambda tmp: "/proc/x.json", "cannot create files in folder '/proc'"),  # a folder that refuses new files, even to root
-    (lambda tmp: tmp / "x.txt", "expected a .json file"),
-])
-def test_output_file_check_names_the_option_and_the_path(make, fragment, tmp_path):
-    path = make(tmp_path)
-    with pytest.raises(UserError, match=fragment) as e:
-        check_output_file(path, "--json", suffix=".json")
-    assert str(e.value).startswith(f"--json {str(path)!r}")
-
-
-def test_output_file_check_leaves_nothing_behind_and_allows_new_folders(tmp_path):
-    assert check_output_file(tmp_path / "x.json", "--json") == tmp_path / "x.json"
-    assert check_output_file(tmp_path / "new" / "deeper" / "x.json", "--json")  # write_atomic makes them
-    assert os.listdir(tmp_path) == []
-
 
 def test_device_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -167,20 +167,3 @@ def test_check_images_rejects_bad_worker_count(tmp_path):
     with pytest.raises(UserError) as e:
         check_images(scan_image_folder(tmp_path), workers=0)
     _one_line_error(e, "workers=0", ">= 1")
-
-
-def test_stale_temporaries_are_those_of_gone_writers_only(tmp_path):
-    import os
-    import subprocess
-
-    from fastssl.fileio import stale_temporaries
-
-    proc = subprocess.Popen(["true"])
-    proc.wait()  # reaped: nothing runs under this pid any more
-    names = {f".o.tmp-{proc.pid}": True, f".o.tmp-{os.getpid()}": True,  # ours: a reused pid's leftover
-             f".o.tmp-{os.getppid()}": False, ".o.tmp-1x": False, f".p.tmp-{proc.pid}": False, "o": False}
-    for name in names:
-        (tmp_path / name).write_text("")
-    found = stale_temporaries(tmp_path, r"\.o\.tmp-(?P<pid>\d+)")
-    assert sorted(p.name for p, _ in found) == sorted(n for n, stale in names.items() if stale)
-    assert stale_temporaries(tmp_path / "missing", r"(?P<pid>\d+)") == []
