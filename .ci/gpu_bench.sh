@@ -8,7 +8,7 @@
 # log.txt.
 #
 #   OUT=gpu_out bash .ci/gpu_bench.sh                       # the parts the recorded figures came from
-#   PARTS="loss_bf16 model_largest_r50 step_compiled" OUT=gpu_out bash .ci/gpu_bench.sh   # still to measure
+#   PARTS="loss_bf16 step_compiled" OUT=gpu_out bash .ci/gpu_bench.sh   # after docs/BENCHMARKS.md's plan
 #   PARTS=loader_gpu ...   # DALI (mixed decode) and FFCV: needs .ci/device_bundle.sh's parts carried first
 set -u
 OUT=${OUT:-gpu_out}
@@ -129,10 +129,10 @@ fi
 LOADER_ARGS="--device $DEVICE --data ${BIG:-none}/train --size $SIZE --batch $LOADER_BATCH --workers $WORKERS \
     --batches 12 --warmup 3"
 part loader_gpu 420 bash -c "$PY tools/bench.py loader --backend torch $LOADER_ARGS --json $W/loader_gpu_torch.json; \
-    . .ci/device_unpack.sh; $PY tools/convert_ffcv.py ${BIG:-none}/train $W/big.beton --workers 16 --overwrite; \
+    . .ci/device_unpack.sh; $PY tools/convert_ffcv.py ${BIG:-none}/train ${BIG:-none}.beton --workers 16 --overwrite; \
     $PY tools/bench.py loader --backend dali $LOADER_ARGS --json $W/loader_gpu_dali.json; \
-    $PY tools/bench.py loader --backend ffcv --beton $W/big.beton $LOADER_ARGS --json $W/loader_gpu_ffcv.json; \
-    rm -f $W/big.beton; $PY -m pytest -q -p no:cacheprovider tests/test_dali.py tests/test_ffcv.py -k gpu"
+    $PY tools/bench.py loader --backend ffcv --beton ${BIG:-none}.beton $LOADER_ARGS --json $W/loader_gpu_ffcv.json; \
+    $PY -m pytest -q -p no:cacheprovider tests/test_dali.py tests/test_ffcv.py -k gpu"
 # The demo recipe end to end on the GPU (views made there, bf16, encoder compiled: model.compile=auto).
 part demo 150 bash -c "$PY tools/make_synthetic.py $DATA.demo && $PY tools/train.py \
     recipes/simclr_resnet18_synthetic.yaml data.path=$DATA.demo/train eval.knn_val_path=$DATA.demo/val \

@@ -145,14 +145,13 @@ class FFCVViewLoader:
             return
         self._planned = np.concatenate(todo)
         torch_threads = torch.get_num_threads()
+        self._wait_for_copies()  # a new epoch's buffers may reuse the previous epoch's pinned memory
         epoch_iterator = iter(self.loader)
         try:
             for k in range(len(todo)):
-                if self._copied is not None:
-                    # Taking the next batch lets ffcv's decode thread refill the previous batch's slot, with
-                    # host writes that no CUDA stream orders: its device copy must have run by then.
-                    self._copied.synchronize()
-                    self._copied = None
+                # Taking the next batch lets ffcv's decode thread refill the previous batch's slot, with host
+                # writes that no CUDA stream orders: its device copy must have run by then.
+                self._wait_for_copies()
                 out = dict(zip(self._outputs, _next_batch(epoch_iterator)))
                 index_label = out[LABEL_FIELD]
                 if k == 0:
@@ -162,8 +161,14 @@ class FFCVViewLoader:
                     raise RuntimeError(f"ffcv returned batch {k} out of plan")  # a bug, not a user error
                 yield self._views(out, idx, index_label[:, 1].copy(), epoch, start + k)
         finally:
+            self._wait_for_copies()  # before ffcv's buffers can be freed
             epoch_iterator.close()
         self.start_batch = 0
+
+    def _wait_for_copies(self) -> None:
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
 
     def _views(self, out: dict, idx: np.ndarray, labels: np.ndarray, epoch: int, step: int) -> ViewBatch:
         # The regions are slots of ffcv's ring buffer (pinned memory): on the CPU make_view consumes them before

@@ -254,7 +254,7 @@ def test_bad_settings_are_user_errors(data, tmp_path):
 def test_gpu_views_equal_cpu_views_over_reused_slots(data):
     # With every random op off, a view is a function of its host-drawn crop box: the GPU loader (regions copied
     # asynchronously from ffcv's pinned ring buffer, the slot released only once the copy ran) must give the
-    # CPU loader's views. Two epochs of 3 batches cycle through ffcv's batches_ahead + 2 slots.
+    # CPU loader's views. Batches of 2: 12 per epoch go round ffcv's batches_ahead + 2 = 4 slots three times.
     from dataclasses import replace
 
     from pipelines.augment import preset
@@ -262,7 +262,8 @@ def test_gpu_views_equal_cpu_views_over_reused_slots(data):
     base = preset("simclr", 16)
     spec = replace(base, views=tuple(replace(v, flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
                                      for v in base.views))
-    cpu, gpu = make_loader(data["raw"], spec=spec), make_loader(data["raw"], spec=spec, device="cuda")
+    cpu = make_loader(data["raw"], spec=spec, batch_size=2)
+    gpu = make_loader(data["raw"], spec=spec, batch_size=2, device="cuda")
     for epoch in range(2):
         cpu.set_epoch(epoch)
         gpu.set_epoch(epoch)
@@ -270,4 +271,3 @@ def test_gpu_views_equal_cpu_views_over_reused_slots(data):
             assert all(v.is_cuda for v in bg.views) and torch.equal(bg.indices.cpu(), bc.indices)
             for vc, vg in zip(bc.views, bg.views):
                 assert (vg.cpu() - vc).abs().max() < 1e-3
-
