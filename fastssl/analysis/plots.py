@@ -7,6 +7,7 @@ half-written PNG where a good one was.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fastssl.errors import UserError
-from fastssl.fileio import check_output_file
+from fastssl.fileio import check_output_file, write_atomic
 
 
 def _pyplot():
@@ -37,16 +38,14 @@ def save_figure(fig, out: str | os.PathLike, dpi: int = 110) -> Path:
     except UserError:
         _pyplot().close(fig)
         raise
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    buf = io.BytesIO()
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, out)
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+        write_atomic(out, buf.getvalue())
     except OSError as e:  # the folder was fine when checked up front, and changed (full disk, removed, read-only)
         raise UserError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
     finally:
         _pyplot().close(fig)
-        tmp.unlink(missing_ok=True)
     return out
 
 

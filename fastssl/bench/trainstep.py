@@ -43,7 +43,7 @@ class TrainingStep:
         self.method = method.to(device)
         self.compiled = resolve_compile(cfg.model.compile, device)
         self.precision = accelerator.mixed_precision
-        self.flops_per_step: int | None = None
+        self._counted: int | None = None  # FLOPs of the batch count_flops was first given
         self._compile_pending = self.compiled
         peak_lr = scaled_lr(cfg.optim.lr, cfg.data.batch_size, cfg.optim.lr_scaling)
         self.optimizer = build_optimizer(cfg.optim, self.method, peak_lr)
@@ -53,8 +53,9 @@ class TrainingStep:
         self.step_index = 0
 
     def count_flops(self, batch: ViewBatch) -> int:
-        """FLOPs of one forward+backward on `batch`, counted eagerly before any compilation."""
-        if self.flops_per_step is None:
+        """FLOPs of one forward+backward on `batch`, counted eagerly before any compilation (once: later calls
+        return the first count, whatever batch they pass)."""
+        if self._counted is None:
             if self.step_index and self.compiled:
                 raise RuntimeError("count_flops must run before the first compiled step")  # a bug
             batch = self._layout(batch)
@@ -62,9 +63,9 @@ class TrainingStep:
             def fwd_bwd():
                 forward_backward(self.method, self.accelerator, batch, self.cfg.train.grad_accum)
 
-            self.flops_per_step = flops.count_flops(fwd_bwd)
+            self._counted = flops.count_flops(fwd_bwd)
             self.optimizer.zero_grad(set_to_none=True)
-        return self.flops_per_step
+        return self._counted
 
     def _layout(self, batch: ViewBatch) -> ViewBatch:
         return channels_last_views(batch) if self.channels_last else batch

@@ -120,4 +120,3 @@ def check_images(index: ImageFolderIndex, workers: int = 1) -> list[tuple[str, s
     chunk = max(1, min(256, len(paths) // (workers * 4)))
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return [r for r in pool.map(_problem, paths, chunksize=chunk) if r is not None]
-

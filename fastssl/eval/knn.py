@@ -3,6 +3,8 @@ InstDisc / MoCo / DINO monitors)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -35,7 +37,7 @@ def check_knn_settings(k, temperature) -> None:
     """k and T as the user gave them (tools/eval.py --k / --temperature, recipe eval.knn_k / eval.knn_t)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise UserError(f"kNN k (--k / eval.knn_k) {k!r}; expected an integer >= 1")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
         raise UserError(f"kNN temperature (--temperature / eval.knn_t) {temperature!r}; expected a number > 0")
 
 
