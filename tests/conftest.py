@@ -75,3 +75,49 @@ def drloc_reference(mlp, grid, u, v) -> float:
                                   dtype=torch.float64)
             total += float((pred - target).abs().sum())
     return total / (b * u.shape[1])
+
+
+def perturb_(*modules, scale: float = 0.05, seed: int = 1) -> None:
+    """Add seeded N(0, scale^2) noise to every parameter: weights then differ from any seeded init (a loader
+    that ignored a file, or keys taken from the wrong network, could not reproduce them)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in modules:
+            for p in m.parameters():
+                p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def save_perturbed_encoder(file: Path, cfg, image_size: int, step: int = 7):
+    """An encoder.pt as the trainer writes it, holding the config seed's init plus perturb_'s noise; returns
+    the encoder."""
+    import torch
+
+    from fastssl.config import config_to_dict
+    from fastssl.encoders import create_encoder
+
+    torch.manual_seed(cfg.seed)
+    enc = create_encoder(cfg.model, image_size)
+    perturb_(enc)
+    Path(file).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"encoder": enc.state_dict(), "config": config_to_dict(cfg), "step": step}, file)
+    return enc
+
+
+def dead_pid() -> int:
+    """A pid no process has any more (a child that exited and was reaped)."""
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def forbid(monkeypatch, owner, name: str, what: str) -> None:
+    """Replace owner.name by a function that fails the test: `what` must not happen (e.g. before the options
+    were checked)."""
+    def fail(*args, **kwargs):
+        raise AssertionError(what)
+
+    monkeypatch.setattr(owner, name, fail)

@@ -8,11 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import assert_user_error, run_tool
+from conftest import assert_user_error, forbid, run_tool, save_perturbed_encoder
 from PIL import Image
 
-from fastssl.config import config_from_dict, config_to_dict
-from fastssl.encoders import create_encoder
+from fastssl.config import config_from_dict
 
 SIZE = 32
 
@@ -27,17 +26,10 @@ def _folder(root, classes: int = 3, per_class: int = 3, size: int = 40):
 
 
 def _checkpoint(path, encoder: str, **model):
-    """Saved weights = the seeded init + N(0, 0.05) noise, so they differ from the config seed's random init:
-    a tool that ignored the file and rebuilt the encoder would be caught."""
+    """Saved weights = the seeded init + noise, so they differ from the config seed's random init: a tool that
+    ignored the file and rebuilt the encoder would be caught."""
     cfg = config_from_dict({"model": {"encoder": encoder, **model}, "data": {"image_size": SIZE}})
-    torch.manual_seed(cfg.seed)
-    enc = create_encoder(cfg.model, SIZE)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in enc.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    path.mkdir(parents=True)
-    torch.save({"encoder": enc.state_dict(), "config": config_to_dict(cfg), "step": 7}, path / "encoder.pt")
+    save_perturbed_encoder(path / "encoder.pt", cfg, SIZE)
     return str(path)
 
 
@@ -165,10 +157,7 @@ def test_tool_runs_as_a_script_and_fails_cleanly(setup, tmp_path):
 def test_options_are_checked_before_any_encoder_is_loaded(argv, fragment, setup, tmp_path, monkeypatch, capsys):
     import fastssl.checkpoint
 
-    def no_load(*args, **kwargs):
-        raise AssertionError("encoder loaded before the options were checked")
-
-    monkeypatch.setattr(fastssl.checkpoint, "load_encoder", no_load)
+    forbid(monkeypatch, fastssl.checkpoint, "load_encoder", "encoder loaded before the options were checked")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     argv = [str(tmp_path) if a == "FOLDER" else a for a in argv]
     out = [] if "--out" in argv else ["--out", str(tmp_path / "x.png")]

@@ -14,9 +14,11 @@ import torch
 from fastssl import checkpoint as ckpt_mod
 from fastssl.checkpoint import (latest_checkpoint, list_checkpoints, load_encoder, load_encoder_checkpoint,
                                 save_checkpoint)
-from fastssl.config import config_from_dict, config_to_dict
+from fastssl.config import config_from_dict
 from fastssl.encoders import create_encoder
 from fastssl.errors import UserError
+
+from conftest import save_perturbed_encoder
 
 SEED = 3  # not 0: a loader that seeded with a constant instead of the config's seed would show
 
@@ -25,15 +27,7 @@ def _perturbed_checkpoint(path):
     """An encoder.pt whose weights are the seeded init plus N(0, 0.05) noise: they differ from anything
     load_encoder could build on its own, so only reading the file can reproduce them."""
     cfg = config_from_dict({"model": {"encoder": "vit_pico"}, "data": {"image_size": 16}, "seed": SEED})
-    torch.manual_seed(SEED)
-    enc = create_encoder(cfg.model, 16)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in enc.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"encoder": enc.state_dict(), "config": config_to_dict(cfg), "step": 7}, path)
-    return enc.state_dict(), cfg
+    return save_perturbed_encoder(path, cfg, 16).state_dict(), cfg
 
 
 def _same(a: dict, b: dict) -> bool:

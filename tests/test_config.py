@@ -113,4 +113,3 @@ def test_no_steps_at_all_is_an_error():
 def test_a_directory_is_not_a_recipe(tmp_path):
     with pytest.raises(UserError, match="is a directory; expected a YAML file"):
         load_config(tmp_path)
-

@@ -18,7 +18,7 @@ from PIL import Image
 from fastssl.data import shards
 from fastssl.data.shards import convert_image_folder, open_shards, verify_shards
 from fastssl.errors import UserError
-from conftest import assert_user_error, run_tool
+from conftest import assert_user_error, dead_pid, run_tool
 
 
 def _jpeg(path: Path, h: int, w: int, seed: int) -> bytes:
@@ -221,14 +221,6 @@ def test_cli_bad_input_and_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "out", "src"]  # no old/partial folders left
 
 
-def _dead_pid() -> int:
-    import subprocess
-
-    proc = subprocess.Popen(["true"])
-    proc.wait()  # reaped: nothing runs under this pid any more
-    return proc.pid
-
-
 def test_output_and_source_may_not_nest(tmp_path):
     _folder(tmp_path / "src", per_class=2)
     proc = run_tool("tools/convert_dali.py", str(tmp_path / "src"), str(tmp_path / "src" / "newcls"))
@@ -299,7 +291,7 @@ def test_temporaries_of_killed_conversions_are_cleaned_up(tmp_path):
     import os
 
     _folder(tmp_path / "src", per_class=2)
-    dead, alive = _dead_pid(), os.getppid()
+    dead, alive = dead_pid(), os.getppid()
     for name in [f".out.partial-{dead}", f".out.partial-{alive}", ".out.partial-x1y2", f".other.partial-{dead}"]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "shard-000000.tar").write_bytes(b"half")

@@ -191,13 +191,10 @@ def test_overwrite_replaces_only_when_asked_and_the_os_refusing_is_one_line(fold
 @pytest.mark.ffcv
 def test_temporaries_of_killed_conversions_are_removed(folder, tmp_path):
     pytest.importorskip("ffcv")
-    import subprocess
-
+    from conftest import dead_pid
     from fastssl.data.beton import convert_image_folder
 
-    proc = subprocess.Popen(["true"])
-    proc.wait()  # reaped: nothing runs under this pid any more
-    dead, alive = proc.pid, os.getppid()
+    dead, alive = dead_pid(), os.getppid()
     names = [f".x.beton.tmp-{dead}", f".x.beton.tmp-{alive}", f".y.beton.tmp-{dead}", ".x.beton.tmp-12a"]
     for name in names:
         (tmp_path / name).write_bytes(b"half a beton")

@@ -86,9 +86,9 @@ def _image_folder(root, per_class: int, seed: int):
 
 
 def test_eval_tool_knn_matches_an_independent_knn_of_the_saved_weights(tmp_path, capsys):
-    from conftest import run_tool
+    from conftest import run_tool, save_perturbed_encoder
 
-    from fastssl.config import config_from_dict, config_to_dict
+    from fastssl.config import config_from_dict
     from fastssl.encoders import create_encoder
     from fastssl.eval.features import extract_features
     from tools.eval import main
@@ -96,15 +96,8 @@ def test_eval_tool_knn_matches_an_independent_knn_of_the_saved_weights(tmp_path,
     _image_folder(tmp_path / "data" / "train", 6, seed=0)
     _image_folder(tmp_path / "data" / "val", 6, seed=1)
     cfg = config_from_dict({"model": {"encoder": "vit_pico"}, "data": {"image_size": 32}, "seed": 5})
-    torch.manual_seed(cfg.seed)
-    trained = create_encoder(cfg.model, 32)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # saved weights != the config seed's random init, which --random-init rebuilds
-        for p in trained.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    ckpt = tmp_path / "run" / "checkpoints" / "step_00000004"
-    ckpt.mkdir(parents=True)
-    torch.save({"encoder": trained.state_dict(), "config": config_to_dict(cfg), "step": 4}, ckpt / "encoder.pt")
+    # saved weights != the config seed's random init, which --random-init rebuilds
+    trained = save_perturbed_encoder(tmp_path / "run/checkpoints/step_00000004/encoder.pt", cfg, 32, step=4)
     torch.manual_seed(cfg.seed)
     untrained = create_encoder(cfg.model, 32)
 
@@ -181,12 +174,10 @@ def test_knn_eval_refuses_folders_with_different_classes(tmp_path, monkeypatch):
 ])
 def test_eval_tool_checks_options_before_loading_the_checkpoint(extra, fragment, tmp_path, monkeypatch, capsys):
     import fastssl.checkpoint
+    from conftest import forbid
     from tools.eval import main
 
-    def no_load(*args, **kwargs):
-        raise AssertionError("checkpoint loaded before the options were checked")
-
-    monkeypatch.setattr(fastssl.checkpoint, "load_encoder", no_load)
+    forbid(monkeypatch, fastssl.checkpoint, "load_encoder", "checkpoint loaded before the options were checked")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     extra = [str(tmp_path) if a == "FOLDER" else a for a in extra]
     assert main(["knn", "--checkpoint", "ckpt", "--data", str(tmp_path), *extra]) == 2

@@ -127,10 +127,9 @@ def test_linear_eval_rejects_different_classes(tmp_path):
 
 @pytest.mark.slow  # two tool processes, each importing torch and timm
 def test_eval_tool_linear_writes_json_for_a_checkpoint_and_its_random_init(tmp_path):
-    from conftest import run_tool
+    from conftest import run_tool, save_perturbed_encoder
 
-    from fastssl.config import config_from_dict, config_to_dict
-    from fastssl.encoders import create_encoder
+    from fastssl.config import config_from_dict
 
     colours = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
     _colour_folder(tmp_path / "data" / "train", colours, 4, seed=0)
@@ -138,13 +137,8 @@ def test_eval_tool_linear_writes_json_for_a_checkpoint_and_its_random_init(tmp_p
     cfg = config_from_dict({"model": {"encoder": "vit_pico"}, "data": {"image_size": 16}})
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000003"
     ckpt.mkdir(parents=True)
-    torch.manual_seed(cfg.seed)
-    enc = create_encoder(cfg.model, 16)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # saved weights != the config seed's random init, so the two runs load different nets
-        for p in enc.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    torch.save({"encoder": enc.state_dict(), "config": config_to_dict(cfg), "step": 3}, ckpt / "encoder.pt")
+    # saved weights != the config seed's random init, so the two runs load different nets
+    save_perturbed_encoder(ckpt / "encoder.pt", cfg, 16, step=3)
     for extra in ([], ["--random-init"]):
         out = tmp_path / f"res{len(extra)}.json"
         proc = run_tool("tools/eval.py", "linear", "--checkpoint", str(tmp_path / "run"), "--data",
@@ -162,12 +156,10 @@ def test_eval_tool_refuses_zero_epochs_and_lr_instead_of_using_the_recipes(extra
                                                                           capsys):
     # `args.epochs or recipe` read --epochs 0 as "not given" and trained the recipe's 100 epochs.
     import fastssl.checkpoint
+    from conftest import forbid
     from tools.eval import main
 
-    def no_load(*args, **kwargs):
-        raise AssertionError("checkpoint loaded before the options were checked")
-
-    monkeypatch.setattr(fastssl.checkpoint, "load_encoder", no_load)
+    forbid(monkeypatch, fastssl.checkpoint, "load_encoder", "checkpoint loaded before the options were checked")
     assert main(["linear", "--checkpoint", "ckpt", "--data", str(tmp_path), "--device", "cpu", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0], err

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_user_error, drloc_reference, run_tool
+from conftest import assert_user_error, drloc_reference, perturb_, run_tool
 from fastssl.config import config_from_dict
 from fastssl.errors import UserError
 from fastssl.losses import info_nce
@@ -146,15 +146,6 @@ def test_head_without_bn_is_the_reference_mlp():
     assert all(m.bias is not None for m in head if isinstance(m, torch.nn.Linear))
 
 
-def _perturb_key_branch(method, scale=0.05):
-    """A fresh key branch is an exact copy of the query branch; after training it is not: make them differ so
-    that keys from the query network cannot pass for keys from the momentum encoder."""
-    g = torch.Generator().manual_seed(99)
-    with torch.no_grad():
-        for p in (*method.key_encoder.parameters(), *method.key_projector.parameters()):
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-
 def _reference_keys(method, x_k, perm, splits):
     """He et al. 2020 sec. 3.3 written out: the key network on the shuffled batch, one BN group per split
     (one GPU each), then un-shuffled so that key i belongs to image i. A copy, so BN buffers stay as they were."""
@@ -170,7 +161,7 @@ def test_loss_uses_the_queue_as_negatives_and_the_key_of_the_same_image_as_posit
     torch.manual_seed(0)
     method = build_method(_cfg()).double()
     method.train()
-    _perturb_key_branch(method)
+    perturb_(method.key_encoder, method.key_projector, seed=99)  # no longer copies of the query branch
     batch = _batch(torch.Generator().manual_seed(3))
     x_q, x_k = (v.double() for v in batch.views)
     torch.manual_seed(11)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, drloc_reference
+from conftest import ROOT, drloc_reference, perturb_
 from fastssl.config import config_from_dict, load_config
 from fastssl.errors import UserError
 from fastssl.methods import build_method
@@ -44,21 +44,12 @@ def paper_ctr(q, k, tau):
     return 2 * tau * float(-np.mean(np.diag(log_prob)))
 
 
-def _perturb_key_branch(method, scale=0.05):
-    """A fresh method's key branch is an exact copy of the query branch; after training it is not. Make them
-    differ, so that keys from the wrong network cannot pass for keys from the momentum encoder."""
-    g = torch.Generator().manual_seed(99)
-    with torch.no_grad():
-        for p in (*method.key_encoder.parameters(), *method.key_projector.parameters()):
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-
 @pytest.mark.parametrize("encoder", ["resnet18", "vit_pico"])
 def test_loss_equals_the_papers_pseudo_code(encoder):
     torch.manual_seed(0)
     method = build_method(_cfg(encoder)).double()
     method.train()
-    _perturb_key_branch(method)
+    perturb_(method.key_encoder, method.key_projector, seed=99)  # no longer copies of the query branch
     batch = _batch()
     x1, x2 = (v.double() for v in batch.views)
     with torch.no_grad():
@@ -118,7 +109,7 @@ def test_drloc_adds_the_mean_over_both_views():
     torch.manual_seed(0)
     n, pairs, weight = 6, 4, 0.25
     method = build_method(_cfg("vit_pico", drloc_weight=weight, drloc_pairs=pairs)).double()
-    _perturb_key_branch(method)
+    perturb_(method.key_encoder, method.key_projector, seed=99)  # no longer copies of the query branch
     batch = _batch()
     x1, x2 = (v.double() for v in batch.views)
     torch.manual_seed(7)
