@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fastssl.errors import UserError
+from fastssl.fileio import stale_temporaries
 
 SUPERSAMPLE = 4
 JPEG_QUALITY = 90
@@ -237,6 +239,13 @@ def make_synthetic_dataset(out: str | os.PathLike, classes: int = 10, train_per_
     """
     _check_args(classes, train_per_class, val_per_class, size, seed)
     out = Path(out).expanduser().absolute()
+    # What a killed run left beside OUT: its half-built folder goes; a previous dataset caught between the two
+    # renames below comes back to OUT.
+    for leftover, m in stale_temporaries(out.parent, rf"{re.escape(out.name)}\.(?P<kind>tmp|old)-(?P<pid>\d{{1,9}})"):
+        if m["kind"] == "old" and not out.exists():
+            os.replace(leftover, out)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a directory; expected a new or empty folder")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -247,7 +256,6 @@ def make_synthetic_dataset(out: str | os.PathLike, classes: int = 10, train_per_
     old = out.parent / f"{out.name}.old-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed run with our pid
         for split, count in zip(SPLITS, (train_per_class, val_per_class)):
             _write_split(tmp, split, families, count, size, seed)
         if out.is_dir() and any(out.iterdir()):
