@@ -77,3 +77,20 @@ def check_values(cfg: Config) -> None:
         raise UserError("train.epochs=0 and train.max_steps=0: nothing to train; set either to a positive number")
     if not cfg.output_dir and not cfg.resume:
         raise UserError("output_dir is empty; expected the run directory to write (e.g. runs/mine)")
+
+
+def check_recipe(cfg: Config) -> None:
+    """All that can be checked without data or devices, in a second: value ranges, the precision and compile
+    choices, and the method with its encoder and heads, built on the meta device (no memory, no weights).
+    `tools/train.py --print-config` runs it, so a recipe can be checked before an `accelerate launch`."""
+    import torch
+
+    from fastssl.methods import build_method
+    from fastssl.step import resolve_compile, resolve_precision
+
+    check_values(cfg)
+    resolve_precision(cfg.train.precision)
+    resolve_compile(cfg.model.compile, torch.device("cpu"))
+    with torch.device("meta"):
+        build_method(cfg)
+

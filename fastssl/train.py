@@ -18,7 +18,7 @@ from fastssl.eval.knn import check_same_classes
 from fastssl.eval.monitor import KnnMonitor
 from fastssl.metrics import MetricsLog, Progress, read_records
 from fastssl.optim import build_optimizer
-from fastssl.recipe_checks import check_values
+from fastssl.recipe_checks import check_recipe
 from fastssl.rundir import prepare_run_dir, stopped_before_first_checkpoint
 from fastssl.schedule import lr_at, scaled_lr
 from fastssl.step import (build_training_method, channels_last_views, compile_networks, make_accelerator,
@@ -82,7 +82,7 @@ def raise_together(accelerator, failure: str | None) -> None:
 def train(cfg: Config) -> dict:
     from accelerate.utils import set_seed
 
-    check_values(cfg)
+    check_recipe(cfg)
     restarting = not cfg.resume and stopped_before_first_checkpoint(Path(cfg.output_dir))
     cfg, run_dir, resuming = prepare_run_dir(cfg)
     if cfg.train.grad_accum != 1 and not cfg.train.allow_grad_accum:

@@ -67,6 +67,11 @@ def test_cli_print_config_and_errors(tmp_path):
     ok = run_tool("tools/train.py", "recipes/simclr_resnet18_synthetic.yaml", "optim.lr=0.7", "--print-config")
     assert ok.returncode == 0, ok.stderr
     assert yaml.safe_load(ok.stdout)["optim"]["lr"] == 0.7
+    # --print-config is a preflight: values, compile/precision choices and the method are checked, no data read
+    for override, fragment in [("model.compile=banana", "model.compile 'banana'"), ("optim.lr=-1", "optim.lr=-1.0"),
+                               ("model.encoder=resnet9000", "resnet9000")]:
+        assert_user_error(run_tool("tools/train.py", "recipes/simclr_resnet18_synthetic.yaml", override,
+                                   "--print-config", "data.path=/no/such/data"), fragment)
     assert_user_error(run_tool("tools/train.py", "recipes/simclr_resnet18_synthetic.yaml", "optim.lr=abc"),
                       "optim.lr", "'abc'")
     assert_user_error(run_tool("tools/train.py", "recipes/simclr_resnet18_synthetic.yaml", "optim.lrr=1"),

@@ -21,14 +21,17 @@ def main(argv: list[str] | None = None) -> int:
     # recipe, when the recipe is missing.
     p.add_argument("overrides", nargs="*", default=[],
                    help="section.key=value overrides, e.g. optim.lr=0.5 resume=RUN_DIR")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="check the recipe (values, method, encoder; no data read), print it resolved and exit")
     args = p.parse_intermixed_args(argv)  # options may sit between the recipe and its overrides
 
     from fastssl.config import dump_config, load_config
+    from fastssl.recipe_checks import check_recipe
     from fastssl.train import train
 
     cfg = load_config(args.recipe, args.overrides)
     if args.print_config:
+        check_recipe(cfg)
         print(dump_config(cfg), end="")
         return 0
     train(cfg)
