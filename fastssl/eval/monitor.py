@@ -3,7 +3,9 @@
 It runs the same protocol as `tools/eval.py knn` (centre crops, k / T from the recipe) on fixed,
 class-balanced subsets of the kNN folders, drawn once from the run's seed, so successive points of the
 curve differ only by the encoder. The queries come from `eval.knn_val_path`, images the encoder never
-trains on; the memory bank from the kNN train folder. Only the main process calls it.
+trains on; the memory bank from the kNN train folder. Only the main process calls it: the others wait at
+their next collective meanwhile, so the subsets must stay small enough (the defaults take seconds on a GPU)
+to finish well within the process group's timeout, 10 minutes by default.
 """
 
 from __future__ import annotations
