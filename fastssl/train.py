@@ -79,6 +79,18 @@ def raise_together(accelerator, failure: str | None) -> None:
         raise UserError(failure)
 
 
+def from_main(accelerator, value):
+    """The main process's `value` on every process: a decision that reads files (which another node may see
+    late) is taken once, so every process takes the same branch before the next collective."""
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
 def train(cfg: Config) -> dict:
     from accelerate.utils import set_seed
 
@@ -139,14 +151,15 @@ def train(cfg: Config) -> dict:
     state.world_size = world
     stop_at = cfg.train.stop_after_steps if 0 < cfg.train.stop_after_steps < total else total
     finished = resuming and state.step >= stop_at  # nothing to train (every rank loaded the same step)
-    if finished and (state.step < total or (run_dir / "summary.json").is_file()):
-        if main:  # leave the checkpoints and the summary as they are
-            print(f"{run_dir} is already at step {state.step} of {total}"
-                  + ("" if state.step >= total else f" (train.stop_after_steps={cfg.train.stop_after_steps})")
-                  + "; nothing to do", flush=True)
-        if state.step >= total:
-            return json.loads((run_dir / "summary.json").read_text())
-        return {"stopped_at_step": state.step}
+    summary_file = run_dir / "summary.json"
+    if finished and (state.step < total or from_main(accelerator, summary_file.is_file())):
+        if not main:
+            return {"stopped_at_step": state.step} if state.step < total else {"steps": state.step}
+        # leave the checkpoints and the summary as they are
+        print(f"{run_dir} is already at step {state.step} of {total}"
+              + ("" if state.step >= total else f" (train.stop_after_steps={cfg.train.stop_after_steps})")
+              + "; nothing to do", flush=True)
+        return json.loads(summary_file.read_text()) if state.step >= total else {"stopped_at_step": state.step}
     # (finished without a summary: killed during the final evaluation; the loop is skipped, the evaluation runs)
     if main and not finished:
         try:

@@ -79,6 +79,37 @@ def test_two_process_run_stopped_and_resumed_ends_with_the_same_weights(tmp_path
     assert max((at3[k] - v).abs().max().item() for k, v in full.items() if v.is_floating_point()) > 1e-3
 
 
+def _agreement_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import types
+
+    import torch.distributed as dist
+
+    from fastssl.errors import UserError
+    from fastssl.train import from_main, raise_together
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    acc = types.SimpleNamespace(num_processes=2)
+    seen = {"from_main": from_main(acc, f"rank {rank}'s view")}
+    raise_together(acc, None)  # nobody failed: nobody raises
+    try:
+        raise_together(acc, "rank 1's file is unreadable" if rank == 1 else None)
+        seen["raised"] = None
+    except UserError as e:
+        seen["raised"] = str(e)
+    torch.save(seen, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_failure_on_one_rank_is_raised_on_every_rank_and_main_decides(tmp_path):
+    # A rank that raised alone would leave the others at their next collective until its timeout (10 min).
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agreement_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        seen = torch.load(tmp_path / f"rank{rank}.pt")
+        assert seen == {"from_main": "rank 0's view", "raised": "rank 1's file is unreadable"}
+
+
 @pytest.mark.parametrize("method", ["simclr", "mocov2", "mocov3"])
 def test_ddp_reduces_gradients_like_a_plain_all_reduce(method, tmp_path):
     """On 2 processes, the trainer's DDP (make_accelerator) must leave the parameters where a plain all-reduce
