@@ -3,9 +3,12 @@ of a killed writer found again."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from fastssl.errors import UserError
@@ -83,3 +86,45 @@ def stale_temporaries(folder: Path, pattern: str) -> list[tuple[Path, re.Match]]
         if m and (int(m["pid"]) == os.getpid() or not _pid_alive(int(m["pid"]))):
             found.append((Path(entry.path), m))
     return found
+
+
+def _swap_names(out: Path) -> str:
+    return rf"\.{re.escape(out.name)}\.(?P<kind>partial|old)-(?P<pid>\d{{1,9}})"
+
+
+def clean_up_killed_builds(out: Path, complete: Callable[[Path], bool] = lambda p: True) -> None:
+    """What a SIGKILL left of build_in_place beside `out` (its own clean-up never ran): partial folders are
+    removed, and a previous `out` caught between the two renames (and `complete`) comes back to `out`."""
+    for leftover, m in stale_temporaries(out.parent, _swap_names(out)):
+        if m["kind"] == "old" and not out.exists() and complete(leftover):
+            os.replace(leftover, out)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def build_in_place(out: Path, what: str) -> Iterator[Path]:
+    """A folder that replaces `out` whole or not at all. Yields an empty hidden sibling (.OUT.partial-<pid>) to
+    fill; when the block ends it becomes `out`, a previous `out` moved aside (.OUT.old-<pid>) only at that
+    instant and removed after. When the block raises (Ctrl-C included) the partial folder goes and the previous
+    `out` stays; an OSError (disk full, permissions: the user's to fix) becomes one line naming `what`."""
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        yield tmp
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)  # rename(2) may replace an empty directory
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        if isinstance(e, OSError):
+            where = f" ({e.filename})" if e.filename else ""
+            raise UserError(f"cannot write {what} to {out}: {e.strerror or e}{where}; expected a writable folder "
+                            f"with free space") from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+

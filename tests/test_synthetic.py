@@ -185,14 +185,14 @@ def test_existing_output_is_refused_or_replaced_only_when_complete(tmp_path, mon
 
 
 def test_leftovers_of_a_killed_run_are_cleaned_and_a_caught_dataset_returns(tmp_path):
-    # SIGKILL skips the clean-up: a half-built OUT.tmp-<pid>, or (killed between --force's two renames) the
-    # previous dataset as OUT.old-<pid> with no OUT. The next run removes the first and restores the second.
+    # SIGKILL skips the clean-up: a half-built .OUT.partial-<pid>, or (killed between --force's two renames) the
+    # previous dataset as .OUT.old-<pid> with no OUT. The next run removes the first and restores the second.
     from conftest import dead_pid
 
     out, gone = tmp_path / "out", dead_pid()
-    make_synthetic_dataset(tmp_path / f"out.old-{gone}", classes=2, train_per_class=1, val_per_class=1, size=16)
-    before = _hashes(tmp_path / f"out.old-{gone}")
-    (tmp_path / f"out.tmp-{gone}" / "train").mkdir(parents=True)
+    make_synthetic_dataset(tmp_path / f".out.old-{gone}", classes=2, train_per_class=1, val_per_class=1, size=16)
+    before = _hashes(tmp_path / f".out.old-{gone}")
+    (tmp_path / f".out.partial-{gone}" / "train").mkdir(parents=True)
     with pytest.raises(UserError, match="not empty"):  # the restored dataset is not replaced without --force
         make_synthetic_dataset(out, classes=2, train_per_class=1, val_per_class=1, size=16, seed=1)
     assert _hashes(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -22,8 +22,6 @@ import hashlib
 import io
 import json
 import os
-import re
-import shutil
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from fastssl.data.imagefolder import scan_image_folder
-from fastssl.fileio import check_creatable, stale_temporaries
+from fastssl.fileio import build_in_place, check_creatable, clean_up_killed_builds
 from fastssl.errors import UserError
 
 FORMAT = "fastssl-webdataset"
@@ -141,18 +139,6 @@ def _checksum(entries: dict) -> str:
     return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
 
-def _temporaries(out: Path) -> str:
-    return rf"\.{re.escape(out.name)}\.(?P<kind>partial|old)-(?P<pid>\d{{1,9}})"
-
-
-def _clean_up_after_killed_runs(out: Path) -> None:
-    for path, m in stale_temporaries(out.parent, _temporaries(out)):
-        if m["kind"] == "old" and not out.exists() and is_shard_dir(path):
-            os.replace(path, out)  # killed between the two renames of --overwrite: the previous dataset returns
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def _check_not_nested(src: Path, out: Path) -> None:
     # Shards written inside the source would be a class folder without images at the next scan (and an
     # --overwrite of a folder holding the source would delete it).
@@ -177,7 +163,7 @@ def convert_image_folder(src: str | os.PathLike, out_dir: str | os.PathLike, sha
     check_creatable(out, "output")
     _check_not_nested(Path(src).expanduser().absolute(), out)
     index = scan_image_folder(src)
-    _clean_up_after_killed_runs(out)
+    clean_up_killed_builds(out, complete=is_shard_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise UserError(f"output {out} already exists and is not an empty directory; expected a new path "
@@ -189,11 +175,7 @@ def convert_image_folder(src: str | os.PathLike, out_dir: str | os.PathLike, sha
     # small buffer, so class-sorted shards would give each rank some classes and each batch one class.
     order = np.random.default_rng(_SHUFFLE_SEED).permutation(len(index))
     chunks = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+    with build_in_place(out, "the shards") as tmp:
         jobs = [(k, str(tmp), [index.samples[i] for i in chunk]) for k, chunk in enumerate(chunks)]
         if workers == 1 or len(jobs) == 1:
             results = [_write_shard(j) for j in jobs]
@@ -201,19 +183,6 @@ def convert_image_folder(src: str | os.PathLike, out_dir: str | os.PathLike, sha
             with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
                 results = list(pool.map(_write_shard, jobs))
         summary = _finish(tmp, out, index.root, index.classes, results)
-        if out.exists():  # the previous dataset is moved aside only now that the new one is complete
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException as e:  # Ctrl-C included: never leave a half-written dataset behind; re-raised below
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        if isinstance(e, OSError):  # disk full, permissions, a path the OS refuses: the user can fix these
-            where = f" ({e.filename})" if e.filename else ""
-            raise UserError(f"cannot write the shards to {out}: {e.strerror or e}{where}; expected a writable "
-                            f"folder with free space") from None
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return summary
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
-import shutil
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fastssl.errors import UserError
-from fastssl.fileio import stale_temporaries
+from fastssl.fileio import build_in_place, clean_up_killed_builds
 
 SUPERSAMPLE = 4
 JPEG_QUALITY = 90
@@ -239,37 +237,16 @@ def make_synthetic_dataset(out: str | os.PathLike, classes: int = 10, train_per_
     """
     _check_args(classes, train_per_class, val_per_class, size, seed)
     out = Path(out).expanduser().absolute()
-    # What a killed run left beside OUT: its half-built folder goes; a previous dataset caught between the two
-    # renames below comes back to OUT.
-    for leftover, m in stale_temporaries(out.parent, rf"{re.escape(out.name)}\.(?P<kind>tmp|old)-(?P<pid>\d{{1,9}})"):
-        if m["kind"] == "old" and not out.exists():
-            os.replace(leftover, out)
-        else:
-            shutil.rmtree(leftover, ignore_errors=True)
+    clean_up_killed_builds(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a directory; expected a new or empty folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"output {out} exists and is not empty; expected a new or empty folder (or --force)")
     families = FAMILY_NAMES[:classes]
     start = time.perf_counter()
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f"{out.name}.old-{os.getpid()}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    with build_in_place(out, "the dataset") as tmp:  # --force: the old dataset goes only once the new is whole
         for split, count in zip(SPLITS, (train_per_class, val_per_class)):
             _write_split(tmp, split, families, count, size, seed)
-        if out.is_dir() and any(out.iterdir()):
-            # --force: the old dataset is moved aside only now that the new one is complete.
-            os.replace(out, old)
-        os.replace(tmp, out)  # rename(2) may replace an empty directory
-    except BaseException as e:  # Ctrl-C included: nothing half written may stay behind; re-raised below
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        if isinstance(e, OSError):  # permissions, disk full: the user can fix these
-            raise UserError(f"cannot write the dataset to {out}: {e}; expected a writable folder") from e
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return SyntheticSummary(out=out, classes=families, train_images=classes * train_per_class,
                             val_images=classes * val_per_class, size=size, seed=seed,
                             seconds=time.perf_counter() - start)
