@@ -103,7 +103,7 @@ def train(cfg: Config) -> dict:
     knn_sets = _knn_sets(cfg)
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
-    monitor = KnnMonitor(cfg, accelerator.device)  # checks its folders now, not after the first epoch
+    monitor = KnnMonitor(cfg, accelerator.device, knn_sets)  # checks its settings now, not after an epoch
 
     world = accelerator.num_processes
     if cfg.data.batch_size % (world * cfg.train.grad_accum):

@@ -44,7 +44,10 @@ def balanced_subset(index: ImageFolderIndex, n: int, seed: int = 0) -> ImageFold
 class KnnMonitor:
     """`maybe_run(epoch, encoder)` after an epoch ends: a kNN record every `eval.knn_every_epochs` epochs."""
 
-    def __init__(self, cfg, device: torch.device | str = "cpu"):
+    def __init__(self, cfg, device: torch.device | str = "cpu",
+                 folders: tuple[ImageFolderIndex, ImageFolderIndex] | None = None):
+        """`folders`: the kNN train and val folders, if the caller has scanned them already (the trainer has,
+        for its final evaluation: an ImageNet-sized folder is not scanned twice)."""
         ev = cfg.eval
         self.every = ev.knn_every_epochs
         self.enabled = self.every > 0
@@ -64,8 +67,9 @@ class KnnMonitor:
             if getattr(ev, key) < 1:
                 raise UserError(f"eval.{key} must be >= 1, got {getattr(ev, key)}")
         # Scanned now, not at the first epoch's end: a wrong path fails before any training time is spent.
-        self.train = balanced_subset(scan_image_folder(train_path), ev.knn_monitor_train_samples, cfg.seed)
-        self.val = balanced_subset(scan_image_folder(ev.knn_val_path), ev.knn_monitor_val_samples, cfg.seed)
+        train, val = folders or (scan_image_folder(train_path), scan_image_folder(ev.knn_val_path))
+        self.train = balanced_subset(train, ev.knn_monitor_train_samples, cfg.seed)
+        self.val = balanced_subset(val, ev.knn_monitor_val_samples, cfg.seed)
         check_same_classes(self.train, self.val, "kNN train folder", "eval.knn_val_path")
         self.k, self.t = ev.knn_k, ev.knn_t
         self.image_size, self.batch_size = cfg.data.image_size, ev.batch_size
