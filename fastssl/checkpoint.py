@@ -27,7 +27,7 @@ ENCODER_FILE = "encoder.pt"
 # RuntimeError / OSError, and the weights-only unpickler's errors on a malformed byte stream (a non-zip file is
 # read as a legacy pickle). Anything else (TypeError, AttributeError, ...) is a bug and keeps its traceback.
 UNREADABLE_ERRORS = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError, IndexError,
-               struct.error)
+                     struct.error)
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:

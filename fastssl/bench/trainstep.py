@@ -14,7 +14,7 @@ from fastssl.errors import resolve_device
 from fastssl.optim import build_optimizer
 from fastssl.schedule import scaled_lr
 from fastssl.step import (build_training_method, channels_last_views, compile_networks, forward_backward,
-                           optimizer_step, resolve_compile, resolve_precision)
+                          optimizer_step, resolve_compile, resolve_precision)
 
 from pipelines.base import ViewBatch
 
