@@ -55,6 +55,19 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_samples)
 
 
+def data_device(choice: str, ctx: LoaderContext) -> torch.device:
+    """Where a backend makes the views, from data.device: auto (the training device), cpu, or cuda (which must
+    be the training device: views are not moved between GPUs)."""
+    if choice not in ("auto", "cpu", "cuda"):
+        raise UserError(f"data.device={choice!r}; expected auto, cpu or cuda")
+    target = torch.device(ctx.device)
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "cuda" and target.type != "cuda":
+        raise UserError(f"data.device='cuda' but the training device is {target}; use auto or cpu")
+    return target
+
+
 def check_global_batch(global_batch: int, num_processes: int) -> None:
     """data.batch_size is the global batch: every process takes an equal share (checked before reading data)."""
     if global_batch < 1 or global_batch % num_processes:

@@ -31,7 +31,7 @@ from fastssl.errors import UserError
 from pipelines import ops
 from pipelines.augment import AugmentSpec
 from pipelines.base import (BACKENDS, LoaderContext, ViewBatch, batch_seed, check_dataset_batches, check_global_batch,
-                            shard_batches, steps_per_epoch)
+                            data_device, shard_batches, steps_per_epoch)
 from pipelines.dali_sources import open_source
 
 INSTALL_HINT = ("data.backend=dali needs NVIDIA DALI, which is not installed; install the extra with "
@@ -206,16 +206,10 @@ def _dali_reason(error: RuntimeError) -> str:
 
 def dali_device(choice: str, ctx: LoaderContext) -> str:
     """Where DALI runs: "gpu" (mixed decode) or "cpu", from data.device and the training device."""
-    if choice not in ("auto", "cpu", "cuda"):
-        raise UserError(f"data.device={choice!r}; expected auto, cpu or cuda")
-    if choice == "cpu" or (choice == "auto" and ctx.device.type != "cuda"):
-        return "cpu"
-    if not torch.cuda.is_available():
+    if choice == "cuda" and not torch.cuda.is_available():
         raise UserError("data.device=cuda runs DALI's GPU (mixed) JPEG decoder but this machine has no usable "
                         "CUDA GPU; set data.device=cpu to run the same DALI pipeline on the CPU")
-    if ctx.device.type != "cuda":
-        raise UserError(f"data.device='cuda' but the training device is {ctx.device}; use auto or cpu")
-    return "gpu"
+    return "gpu" if data_device(choice, ctx).type == "cuda" else "cpu"
 
 
 @BACKENDS.register("dali")

@@ -27,24 +27,12 @@ from fastssl.data.beton import IMAGE_FIELD, LABEL_FIELD, import_ffcv, open_beton
 from fastssl.errors import UserError
 from pipelines.augment import AugmentSpec
 from pipelines.base import (BACKENDS, LoaderContext, ViewBatch, batch_seed, check_dataset_batches, check_global_batch,
-                            epoch_order, shard_order, steps_per_epoch)
+                            data_device, epoch_order, shard_order, steps_per_epoch)
 from pipelines.ops import make_view, sample_crop_boxes
 
 ORDERS = ("shared", "random", "quasi_random", "sequential")
 DECODES = ("once", "per_view")
 _BOX_CHUNK = 1 << 16  # samples per sample_crop_boxes call: it draws 40 doubles per sample and view
-
-
-def resolve_device(requested: str, ctx: LoaderContext) -> torch.device:
-    if requested == "auto":
-        return torch.device(ctx.device)
-    if requested == "cpu":
-        return torch.device("cpu")
-    if requested == "cuda":
-        if torch.device(ctx.device).type != "cuda":
-            raise UserError(f"data.device=cuda but the training device is {ctx.device}")
-        return torch.device(ctx.device)
-    raise UserError(f"data.device={requested!r}; expected auto, cpu or cuda")
 
 
 class FFCVViewLoader:
@@ -72,7 +60,7 @@ class FFCVViewLoader:
         check_dataset_batches(str(path), self.num_samples, batch_size, drop_last, ctx.num_processes)
         self.path, self.spec, self.ctx = str(path), spec, ctx
         self.global_batch, self.drop_last, self.order = batch_size, drop_last, order
-        self.device = resolve_device(device, ctx)
+        self.device = data_device(device, ctx)
         meta = reader.metadata[f"f{list(reader.handlers).index(IMAGE_FIELD)}"]
         self.heights = meta["height"].astype(np.int64)
         self.widths = meta["width"].astype(np.int64)

@@ -21,7 +21,7 @@ from fastssl.errors import UserError
 from pipelines import ops
 from pipelines.augment import AugmentSpec
 from pipelines.base import (BACKENDS, LoaderContext, ViewBatch, batch_seed, check_dataset_batches, check_global_batch,
-                            shard_batches, steps_per_epoch)
+                            data_device, shard_batches, steps_per_epoch)
 from pipelines.eval_views import build_eval_loader  # noqa: F401  (public here: fastssl.eval imports it)
 
 # A region is pre-shrunk by an integer factor f (block mean, an exact box filter) only while every box
@@ -161,18 +161,6 @@ class TorchViewLoader:
         return ViewBatch(views, raw.labels.to(target, non_blocking=True), raw.indices.to(target, non_blocking=True))
 
 
-def augment_device(choice: str, ctx: LoaderContext) -> torch.device:
-    if choice == "auto":
-        return ctx.device
-    if choice == "cpu":
-        return torch.device("cpu")
-    if choice == "cuda":
-        if ctx.device.type != "cuda":
-            raise UserError(f"data.device='cuda' but the training device is {ctx.device}; use auto or cpu")
-        return ctx.device
-    raise UserError(f"data.device={choice!r}; expected auto, cpu or cuda")
-
-
 @BACKENDS.register("torch")
 def build(data_cfg, spec: AugmentSpec, ctx: LoaderContext) -> TorchViewLoader:
     if not data_cfg.path:
@@ -180,7 +168,7 @@ def build(data_cfg, spec: AugmentSpec, ctx: LoaderContext) -> TorchViewLoader:
     if data_cfg.workers < 0:
         raise UserError(f"data.workers={data_cfg.workers}; expected 0 (decode in-process) or more")
     check_global_batch(data_cfg.batch_size, ctx.num_processes)
-    aug_device = augment_device(data_cfg.device, ctx)
+    aug_device = data_device(data_cfg.device, ctx)
     index = scan_image_folder(data_cfg.path)
     check_dataset_batches(data_cfg.path, len(index), data_cfg.batch_size, data_cfg.drop_last, ctx.num_processes)
     return TorchViewLoader(index, spec, ctx, data_cfg.batch_size, data_cfg.drop_last, data_cfg.workers, aug_device)

@@ -20,7 +20,7 @@ from fastssl.data.imagefolder import scan_image_folder
 from fastssl.errors import UserError
 from pipelines import torch as torch_backend
 from pipelines.augment import AugmentSpec, ViewSpec, preset
-from pipelines.base import BACKENDS, LoaderContext, build_loader, steps_per_epoch
+from pipelines.base import BACKENDS, LoaderContext, build_loader, data_device, steps_per_epoch
 
 CPU = torch.device("cpu")
 NO_OPS = ViewSpec(flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
@@ -113,6 +113,19 @@ def test_two_ranks_get_disjoint_shards_covering_the_global_batches(folder):
     assert not seen[0] & seen[1]
     assert len(seen[0] | seen[1]) == steps * 6
     assert all(b[0][0].shape[0] == 3 for batches in per_rank for b in batches)
+
+
+def test_data_device_is_the_training_device_or_the_cpu():
+    """One rule for every backend: auto follows the trainer, cpu is always allowed, cuda only on a GPU trainer
+    (and then the trainer's own GPU, never another one)."""
+    gpu1 = torch.device("cuda", 1)  # a device object: no GPU is touched
+    assert data_device("auto", LoaderContext(CPU)) == CPU and data_device("cpu", LoaderContext(CPU)) == CPU
+    assert data_device("auto", LoaderContext(gpu1)) == gpu1 and data_device("cuda", LoaderContext(gpu1)) == gpu1
+    assert data_device("cpu", LoaderContext(gpu1)) == CPU
+    with pytest.raises(UserError, match=r"^data.device='cuda' but the training device is cpu; use auto or cpu$"):
+        data_device("cuda", LoaderContext(CPU))
+    with pytest.raises(UserError, match=r"^data.device='gpu'; expected auto, cpu or cuda$"):
+        data_device("gpu", LoaderContext(gpu1))
 
 
 def test_build_rejects_bad_settings(folder, tmp_path):
