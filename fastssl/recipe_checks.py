@@ -64,12 +64,18 @@ def _get(cfg: Config, key: str):
     return value
 
 
+def check_ranges(cfg: Config, prefix: str = "") -> None:
+    """Raise a one-line UserError for the first setting (of those whose key starts with `prefix`) out of its
+    range. Parts usable without the trainer (the kNN monitor) check their own keys with it."""
+    for key, ok, expected in _RULES:
+        value = _get(cfg, key) if key.startswith(prefix) else None
+        if value is not None and not ok(value):
+            raise UserError(f"{key}={value}; expected {expected}")
+
+
 def check_values(cfg: Config) -> None:
     """Raise a one-line UserError for the first setting out of its range."""
-    for key, ok, expected in _RULES:
-        value = _get(cfg, key)
-        if not ok(value):
-            raise UserError(f"{key}={value}; expected {expected}")
+    check_ranges(cfg)
     for i, beta in enumerate(cfg.optim.betas):
         if not _unit(beta):
             raise UserError(f"optim.betas={list(cfg.optim.betas)}; expected both in [0, 1), got {beta} at {i}")

@@ -20,7 +20,8 @@ from torch import nn
 
 from fastssl.data.imagefolder import ImageFolderIndex, scan_image_folder
 from fastssl.errors import UserError
-from fastssl.eval.knn import check_knn_settings, check_same_classes
+from fastssl.recipe_checks import check_ranges
+from fastssl.eval.knn import check_same_classes
 
 
 def balanced_subset(index: ImageFolderIndex, n: int, seed: int = 0) -> ImageFolderIndex:
@@ -49,10 +50,9 @@ class KnnMonitor:
         """`folders`: the kNN train and val folders, if the caller has scanned them already (the trainer has,
         for its final evaluation: an ImageNet-sized folder is not scanned twice)."""
         ev = cfg.eval
+        check_ranges(cfg, "eval.knn_")
         self.every = ev.knn_every_epochs
         self.enabled = self.every > 0
-        if self.every < 0:
-            raise UserError(f"eval.knn_every_epochs must be >= 0 (0 turns the monitor off), got {self.every}")
         if not self.enabled:
             return
         if not ev.knn_val_path:
@@ -62,10 +62,6 @@ class KnnMonitor:
         if not Path(train_path).is_dir():
             raise UserError(f"eval.knn_train_path {train_path!r} is not an ImageFolder directory (set it when "
                             f"data.path is not one)")
-        check_knn_settings(ev.knn_k, ev.knn_t)
-        for key in ("knn_monitor_train_samples", "knn_monitor_val_samples"):
-            if getattr(ev, key) < 1:
-                raise UserError(f"eval.{key} must be >= 1, got {getattr(ev, key)}")
         # Scanned now, not at the first epoch's end: a wrong path fails before any training time is spent.
         train, val = folders or (scan_image_folder(train_path), scan_image_folder(ev.knn_val_path))
         self.train = balanced_subset(train, ev.knn_monitor_train_samples, cfg.seed)
