@@ -45,6 +45,11 @@ class ViewSpec:
     solarize_p: float = 0.0
     solarize_threshold: float = 0.5
 
+    @property
+    def jitters(self) -> bool:
+        """Step 3 can change a pixel: a jitter probability and at least one non-zero strength."""
+        return self.jitter_p > 0 and max(self.brightness, self.contrast, self.saturation, self.hue) > 0
+
     def blur_kernel_size(self, size: int) -> int:
         return max(3, 2 * (int(self.blur_kernel_frac * size) // 2) + 1)
 

@@ -131,7 +131,7 @@ def _view(image, p, view: ViewSpec, size: int, mean, std):
 
     if view.gray_first:
         x = to_gray(x)
-    if view.jitter_p > 0 and max(view.brightness, view.contrast, view.saturation, view.hue) > 0:
+    if view.jitters:
         x = _color_jitter(x, p, view)
     if not view.gray_first:
         x = to_gray(x)

@@ -266,7 +266,7 @@ def apply_view(images: torch.Tensor, boxes: torch.Tensor, params: ViewParams, vi
 
     if view.gray_first:
         x = to_gray(x)
-    if view.jitter_p > 0 and max(view.brightness, view.contrast, view.saturation, view.hue) > 0:
+    if view.jitters:
         x = color_jitter(x, params, view)
     if not view.gray_first:
         x = to_gray(x)
