@@ -103,7 +103,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32
     grad_accum: int = 1
     allow_grad_accum: bool = False  # accumulation changes the negatives of contrastive losses
-    progress: bool = True
+    progress: bool = True  # per-step status; the start-up summary and warnings print either way
 
 
 @dataclass(frozen=True)

@@ -54,10 +54,12 @@ def _truncate_after(path: Path, step: int) -> None:
 
 
 class Progress:
-    """rich progress bar on a terminal; plain log lines elsewhere (CI logs, `make demo | tee`)."""
+    """Per-step status (`enabled`): a rich progress bar on a terminal, plain log lines elsewhere (CI logs, `make
+    demo | tee`). `print` is for what a user must see whether or not steps are shown (the start-up summary,
+    warnings): it prints on the main process."""
 
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, total: int, start: int, enabled: bool, main: bool = True):
+        self.enabled, self.main = enabled and main, main
         self._bar = None
         self._t0 = time.time()
         if enabled and sys.stdout.isatty():
@@ -82,7 +84,7 @@ class Progress:
     def print(self, text: str) -> None:
         if self._bar is not None:
             self._bar.console.print(text)
-        elif self.enabled:
+        elif self.main:
             print(text, flush=True)
 
     def close(self) -> None:

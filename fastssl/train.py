@@ -170,7 +170,7 @@ def train(cfg: Config) -> dict:
     raise_together(accelerator, failure)
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main, resume_step=state.step if resuming else None)
-    progress = Progress(total, state.step, enabled=main and cfg.train.progress)
+    progress = Progress(total, state.step, enabled=cfg.train.progress, main=main)
     if main:
         per_device = cfg.data.batch_size // world
         progress.print(f"{cfg.method.name} / {cfg.model.encoder}: {total} steps ({steps_per_epoch} per epoch); "

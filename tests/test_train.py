@@ -47,6 +47,9 @@ def test_cli_run_writes_config_metrics_checkpoint_and_summary(tiny_data, tmp_pat
     proc = run_tool("tools/train.py", str(RECIPE), *_overrides(tiny_data, out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "kNN top-1" in proc.stdout and "random init" in proc.stdout
+    # The global-batch arithmetic is printed at start even with train.progress=false (per-step lines off).
+    assert "global batch 8 = 1 process(es) x 8; peak lr 0.03125 (1.0 x linear scaling)" in proc.stdout
+    assert "\nstep 1 " not in proc.stdout
     saved = load_config(out / "config.yaml")
     assert saved == load_config(RECIPE, _overrides(tiny_data, out))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
