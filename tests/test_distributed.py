@@ -5,8 +5,10 @@ tolerance — loss, and parameters after one optimiser step."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +18,19 @@ from conftest import ROOT
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
-def _run(args, world: int, tmp_path):
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args, world: int, tmp_path, launcher: str = "torchrun"):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     if world == 1:
         cmd = [sys.executable, *args]
+    elif launcher == "accelerate":  # the README's command, with the shipped 2-process CPU config
+        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+               str(ROOT / "recipes/accelerate/cpu_2proc.yaml"), "--main_process_port", str(_free_port()), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *args]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -51,20 +62,22 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(method, tmp_p
 
 def test_two_process_run_stopped_and_resumed_ends_with_the_same_weights(tmp_path):
     """tools/train.py on 2 gloo processes (global BN, global negatives, each rank its own shard of the views):
-    stopped after 3 of 5 steps and resumed, it ends where the uninterrupted 2-process run ends."""
+    stopped after 3 of 5 steps and resumed, it ends where the uninterrupted 2-process run ends. The
+    uninterrupted run goes through `accelerate launch` with recipes/accelerate/cpu_2proc.yaml (the README's
+    command), the others through torchrun: the two launchers must make the same run."""
     from fastssl.checkpoint import latest_checkpoint
     from fastssl.data.synthetic import make_synthetic_dataset
 
     data = tmp_path / "ds"
     make_synthetic_dataset(data, classes=2, train_per_class=8, val_per_class=1, size=16, seed=0)
 
-    def run(out, *extra):
-        _run([str(ROOT / "tools/train.py"), str(ROOT / "recipes/simclr_resnet18_synthetic.yaml"),
-              f"data.path={data}/train", "eval.knn_val_path=", f"output_dir={out}", "data.image_size=16",
-              "data.batch_size=4", "data.workers=0", "train.max_steps=5", "train.progress=false",
-              "method.proj_hidden=32", "method.proj_dim=16", *extra], 2, tmp_path)
+    def run(out, *extra, launcher="torchrun"):
+        return _run([str(ROOT / "tools/train.py"), str(ROOT / "recipes/simclr_resnet18_synthetic.yaml"),
+                     f"data.path={data}/train", "eval.knn_val_path=", f"output_dir={out}", "data.image_size=16",
+                     "data.batch_size=4", "data.workers=0", "train.max_steps=5", "train.progress=false",
+                     "method.proj_hidden=32", "method.proj_dim=16", *extra], 2, tmp_path, launcher)
 
-    run(tmp_path / "full")
+    assert "global batch 4 = 2 process(es) x 2" in run(tmp_path / "full", launcher="accelerate").stdout
     run(tmp_path / "part", "train.stop_after_steps=3")
     assert latest_checkpoint(tmp_path / "part").name == "step_00000003"
     run(tmp_path / "part", f"resume={tmp_path / 'part'}")
