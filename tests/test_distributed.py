@@ -31,10 +31,22 @@ def _run(args, world: int, tmp_path, launcher: str = "torchrun"):
     elif launcher == "accelerate":  # the README's command, with the shipped 2-process CPU config
         cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
                str(ROOT / "recipes/accelerate/cpu_2proc.yaml"), "--main_process_port", str(_free_port()), *args]
+    elif launcher == "nodes":  # recipes/slurm_example.sh's command on 2 "nodes" of this machine, 1 process each
+        node = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+                str(ROOT / "recipes/accelerate/multinode_8gpu.yaml"), "--num_machines", str(world),
+                "--num_processes", str(world), "--main_process_ip", "127.0.0.1", "--main_process_port",
+                str(_free_port())]
+        others = [subprocess.Popen([*node, "--machine_rank", str(r), *args], cwd=tmp_path, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                  for r in range(1, world)]
+        cmd = [*node, "--machine_rank", "0", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *args]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    for other in others if launcher == "nodes" else ():
+        _, err = other.communicate(timeout=60)
+        assert other.returncode == 0, err[-4000:]
     return proc
 
 
@@ -64,7 +76,8 @@ def test_two_process_run_stopped_and_resumed_ends_with_the_same_weights(tmp_path
     """tools/train.py on 2 gloo processes (global BN, global negatives, each rank its own shard of the views):
     stopped after 3 of 5 steps and resumed, it ends where the uninterrupted 2-process run ends. The
     uninterrupted run goes through `accelerate launch` with recipes/accelerate/cpu_2proc.yaml (the README's
-    command), the others through torchrun: the two launchers must make the same run."""
+    command), the others through torchrun, and a third through the multi-node config on two "nodes" of one
+    process each: every launcher must make the same run."""
     from fastssl.checkpoint import latest_checkpoint
     from fastssl.data.synthetic import make_synthetic_dataset
 
@@ -86,6 +99,9 @@ def test_two_process_run_stopped_and_resumed_ends_with_the_same_weights(tmp_path
     assert latest_checkpoint(tmp_path / "part").name == "step_00000005" and full.keys() == resumed.keys()
     for k, v in full.items():
         torch.testing.assert_close(resumed[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert "global batch 4 = 2 process(es) x 2" in run(tmp_path / "nodes", launcher="nodes").stdout
+    for k, v in load(tmp_path / "nodes").items():
+        torch.testing.assert_close(v, full[k], rtol=1e-5, atol=1e-6, msg=k)
     # Not vacuous: steps 4 and 5 moved the weights well beyond that tolerance.
     at3 = torch.load(tmp_path / "part/checkpoints/step_00000003/pytorch_model.bin", map_location="cpu",
                      weights_only=True)
