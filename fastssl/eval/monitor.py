@@ -20,8 +20,8 @@ from torch import nn
 
 from fastssl.data.imagefolder import ImageFolderIndex, scan_image_folder
 from fastssl.errors import UserError
-from fastssl.recipe_checks import check_ranges
 from fastssl.eval.knn import check_same_classes
+from fastssl.recipe_checks import check_ranges
 
 
 def balanced_subset(index: ImageFolderIndex, n: int, seed: int = 0) -> ImageFolderIndex:
