@@ -12,6 +12,7 @@ import torch
 from fastssl.checkpoint import UNREADABLE_ERRORS, latest_checkpoint, load_encoder, save_checkpoint
 from fastssl.config import Config, config_to_dict, dump_config
 from fastssl.data.imagefolder import scan_image_folder
+from fastssl.data.shards import is_shard_dir
 from fastssl.errors import UserError
 from fastssl.fileio import write_atomic
 from fastssl.eval.knn import check_same_classes
@@ -58,9 +59,10 @@ def _knn_sets(cfg: Config):
                             "folder or a .beton)")
         if not Path(train_path).exists():
             raise UserError(f"data.path {train_path!r} does not exist")
-        if not Path(train_path).is_dir():
-            raise UserError(f"data.path {train_path!r} is not an ImageFolder directory, and the kNN evaluation's "
-                            f"memory bank defaults to it; set eval.knn_train_path to one")
+        if not Path(train_path).is_dir() or is_shard_dir(train_path):
+            what = "a DALI shard folder" if Path(train_path).is_dir() else "a file"
+            raise UserError(f"data.path {train_path!r} is {what}, not an ImageFolder, and the kNN evaluation's "
+                            f"memory bank defaults to it; set eval.knn_train_path to an ImageFolder")
     train_index, val_index = scan_image_folder(train_path), scan_image_folder(cfg.eval.knn_val_path)
     check_same_classes(train_index, val_index, "eval.knn_train_path (or data.path)", "eval.knn_val_path")
     return train_index, val_index
@@ -157,8 +159,9 @@ def train(cfg: Config) -> dict:
             return {"stopped_at_step": state.step} if state.step < total else {"steps": state.step}
         # leave the checkpoints and the summary as they are
         print(f"{run_dir} is already at step {state.step} of {total}"
-              + ("" if state.step >= total else f" (train.stop_after_steps={cfg.train.stop_after_steps})")
-              + "; nothing to do", flush=True)
+              + ("" if state.step >= total else f" (train.stop_after_steps={cfg.train.stop_after_steps}); "
+                 f"add train.stop_after_steps=0 to run to the end")
+              + "; nothing to do" * (state.step >= total), flush=True)
         return json.loads(summary_file.read_text()) if state.step >= total else {"stopped_at_step": state.step}
     # (finished without a summary: killed during the final evaluation; the loop is skipped, the evaluation runs)
     if main and not finished:
@@ -234,7 +237,8 @@ def train(cfg: Config) -> dict:
     if state.step < total:
         if main:
             print(f"stopped at step {state.step} of {total} (train.stop_after_steps); continue with "
-                  f"resume={run_dir}", flush=True)
+                  f"`python tools/train.py {run_dir / 'config.yaml'} resume={run_dir} train.stop_after_steps=0`",
+                  flush=True)
         return {"stopped_at_step": state.step}
 
     if finished:  # resumed only for the final evaluation: the throughput is the logged one

@@ -14,6 +14,7 @@ import yaml
 from fastssl import checkpoint as ckpt_mod
 from fastssl.checkpoint import latest_checkpoint, list_checkpoints
 from fastssl.config import load_config
+from fastssl.data.shards import convert_image_folder
 from fastssl.errors import UserError
 from fastssl.train import train
 
@@ -217,6 +218,27 @@ def test_a_run_killed_during_its_final_evaluation_is_completed_by_resume(tiny_da
     assert {p: p.stat().st_mtime_ns for p in latest_checkpoint(out).iterdir()} == ckpt  # not trained or saved again
 
 
+def test_the_command_a_stopped_run_prints_continues_it_to_the_end(tiny_data, tmp_path):
+    """What a user reads after train.stop_after_steps (a preemption drill) must be a command that works: the
+    saved config.yaml still holds stop_after_steps, so resuming with it alone changes nothing and says why."""
+    out = tmp_path / "run"
+    proc = run_tool("tools/train.py", str(RECIPE), *_overrides(tiny_data, out), "train.stop_after_steps=2",
+                    "eval.knn_val_path=")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    command = proc.stdout.split("`")[1].split()
+    assert command[:2] == ["python", "tools/train.py"]
+    resume = ("tools/train.py", str(out / "config.yaml"), f"resume={out}")
+    same = run_tool(*resume)
+    assert same.returncode == 0 and latest_checkpoint(out).name == "step_00000002"
+    assert (f"{out} is already at step 2 of 4 (train.stop_after_steps=2); add train.stop_after_steps=0 to run to "
+            f"the end\n") in same.stdout
+    ended = run_tool(*command[1:])
+    assert ended.returncode == 0, ended.stderr[-3000:]
+    assert latest_checkpoint(out).name == "step_00000004" and (out / "summary.json").is_file()
+    again = run_tool(*resume, "train.stop_after_steps=0")
+    assert again.returncode == 0 and f"{out} is already at step 4 of 4; nothing to do\n" in again.stdout
+
+
 def test_resuming_from_a_damaged_checkpoint_is_one_line_naming_it(tiny_data, tmp_path):
     out = tmp_path / "run"
     train(_cfg(tiny_data, out, "train.max_steps=4", "train.stop_after_steps=2", "eval.knn_val_path="))
@@ -235,9 +257,15 @@ def test_paths_that_cannot_work_fail_before_training(tiny_data, tmp_path):
         train(_cfg(tiny_data, afile / "run"))
     with pytest.raises(UserError, match="data.path is empty"):
         train(_cfg(tiny_data, tmp_path / "a", "data.path="))
-    with pytest.raises(UserError, match=f"data.path '{afile}' is not an ImageFolder directory.*eval.knn_train_path"):
+    with pytest.raises(UserError, match=f"data.path '{afile}' is a file, not an ImageFolder.*eval.knn_train_path"):
         train(_cfg(tiny_data, tmp_path / "b", f"data.path={afile}"))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # DALI shards train, but the kNN memory bank reads an ImageFolder (it once said "no class sub-folders")
+    shards = tmp_path / "shards"
+    convert_image_folder(tiny_data / "train", shards, shard_size=16)
+    with pytest.raises(UserError, match=f"data.path '{shards}' is a DALI shard folder, not an ImageFolder, .*"
+                                        f"set eval.knn_train_path to an ImageFolder$"):
+        train(_cfg(tiny_data, tmp_path / "c", "data.backend=dali", "data.device=cpu", f"data.path={shards}"))
+    assert not any((tmp_path / d).exists() for d in "abc")
 
 
 def test_bad_inputs_are_one_line_errors_and_write_nothing(tiny_data, tmp_path):
