@@ -108,6 +108,37 @@ def test_two_process_run_stopped_and_resumed_ends_with_the_same_weights(tmp_path
     assert max((at3[k] - v).abs().max().item() for k, v in full.items() if v.is_floating_point()) > 1e-3
 
 
+def test_a_one_process_run_resumes_on_two_processes_with_the_same_global_batch(tmp_path):
+    """Resuming on another world size is allowed when the global batch stays (it is the recipe's
+    data.batch_size: the per-process share follows), says so at start, and trains on to the end; a changed
+    global batch is refused before anything runs."""
+    import json
+
+    from fastssl.checkpoint import latest_checkpoint
+    from fastssl.data.synthetic import make_synthetic_dataset
+
+    data = tmp_path / "ds"
+    make_synthetic_dataset(data, classes=2, train_per_class=8, val_per_class=1, size=16, seed=0)
+    out = tmp_path / "run"
+    args = [str(ROOT / "tools/train.py"), str(ROOT / "recipes/simclr_resnet18_synthetic.yaml"),
+            f"data.path={data}/train", "eval.knn_val_path=", f"output_dir={out}", "data.image_size=16",
+            "data.batch_size=4", "data.workers=0", "train.max_steps=5", "train.progress=false",
+            "train.log_every=1", "method.proj_hidden=32", "method.proj_dim=16"]
+    _run([*args, "train.stop_after_steps=3"], 1, tmp_path)
+    refused = subprocess.run([sys.executable, *args[:6], "data.batch_size=8", *args[7:], f"resume={out}"],
+                             cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True)
+    assert refused.returncode != 0 and "data.batch_size: 4 -> 8" in refused.stderr, refused.stderr
+    resumed = _run([*args, f"resume={out}"], 2, tmp_path).stdout
+    assert "resuming a run saved on 1 process(es) on 2: same global batch 4" in resumed
+    assert "global batch 4 = 2 process(es) x 2" in resumed
+    assert latest_checkpoint(out).name == "step_00000005"
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    load = lambda step: torch.load(out / f"checkpoints/step_{step:08d}/pytorch_model.bin", map_location="cpu",
+                                   weights_only=True)
+    at3, at5 = load(3), load(5)
+    assert max((at3[k] - v).abs().max().item() for k, v in at5.items() if v.is_floating_point()) > 1e-3
+
+
 def _agreement_worker(rank: int, init_file: str, out_dir: str) -> None:
     import types
 
