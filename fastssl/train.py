@@ -68,6 +68,17 @@ def _knn_sets(cfg: Config):
     return train_index, val_index
 
 
+def check_finite(method: torch.nn.Module, step: int) -> None:
+    """Before a checkpoint: weights that diverged between two logged losses must not replace a good checkpoint
+    (the oldest kept ones are deleted as new ones land). Every rank holds the same weights, so every rank
+    raises together."""
+    for name, t in (*method.named_parameters(), *method.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{name} is not finite at step {step}: training diverged, so no checkpoint is written "
+                            f"and the earlier ones are kept; train again with a lower optim.lr (or "
+                            f"train.precision=fp32)")
+
+
 def raise_together(accelerator, failure: str | None) -> None:
     """Raise UserError(failure) on every process if any process has one: a rank that raised alone would leave
     the others waiting at their next collective until its timeout."""
@@ -218,6 +229,7 @@ def train(cfg: Config) -> dict:
                 progress.update(state.step, record)
                 t_window, window_steps = now, 0
             if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
+                check_finite(unwrapped, state.step)
                 save_checkpoint(accelerator, run_dir, state.step, unwrapped.encoder, config_dict,
                                 cfg.train.keep_checkpoints)
             if main and state.step % steps_per_epoch == 0:
@@ -230,6 +242,7 @@ def train(cfg: Config) -> dict:
                 break
 
     if not finished and not (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0):
+        check_finite(unwrapped, state.step)
         save_checkpoint(accelerator, run_dir, state.step, unwrapped.encoder, config_dict, cfg.train.keep_checkpoints)
     progress.close()
     metrics.close()

@@ -94,6 +94,33 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_data, tmp_p
     assert steps == [1, 2, 3, 4, 5]
 
 
+def test_weights_that_diverge_between_logged_losses_never_replace_a_good_checkpoint(tiny_data, tmp_path,
+                                                                                       monkeypatch):
+    """The loss is checked on logging steps only (it costs a sync); weights that turn NaN in between must still
+    not be checkpointed: with keep_checkpoints=1, a NaN checkpoint would delete the last good one."""
+    import fastssl.train as train_mod
+
+    real_step, calls = train_mod.optimizer_step, []
+
+    def diverging_step(method, *args, **kwargs):
+        out = real_step(method, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # the third step blows up a projector weight (as an lr far too high would); the
+            # fourth step's backward carries the NaN into the encoder
+            with torch.no_grad():
+                next(p for n, p in method.named_parameters() if "projector" in n).fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(train_mod, "optimizer_step", diverging_step)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"^encoder\.\S+ is not finite at step 4: training diverged, so no "
+                                        r"checkpoint is written and the earlier ones are kept"):
+        train(_cfg(tiny_data, out, "train.max_steps=6", "train.log_every=100", "train.checkpoint_every=2",
+                   "train.keep_checkpoints=1", "eval.knn_val_path="))
+    assert [c.name for c in list_checkpoints(out)] == ["step_00000002"]
+    assert all(torch.isfinite(v).all() for v in _state(out).values() if v.is_floating_point())
+
+
 def test_gradient_accumulation_steps_on_the_mean_of_the_micro_batch_losses():
     # Oracle: k micro-batches give the gradient of (1/k) sum_i L(micro-batch i), here one backward of that sum
     # over slices taken by hand, on a copy of the method; the step reports that mean as its loss.
