@@ -19,6 +19,7 @@ from fastssl.eval.knn import check_same_classes
 from fastssl.eval.monitor import KnnMonitor
 from fastssl.metrics import MetricsLog, Progress, read_records
 from fastssl.optim import build_optimizer
+from fastssl.preempt import StopRequest
 from fastssl.recipe_checks import check_recipe
 from fastssl.rundir import prepare_run_dir, stopped_before_first_checkpoint
 from fastssl.schedule import lr_at, scaled_lr
@@ -102,6 +103,14 @@ def from_main(accelerator, value):
         dist.broadcast_object_list(box, src=0)
         value = box[0]
     return value
+
+
+def _stopped_by(signal_name: str, step: int, total: int, run_dir: Path, main: bool) -> dict:
+    if main:
+        print(f"{signal_name} received: stopped at step {step} of {total}"
+              + (", checkpoint written" if step < total else ", before the final evaluation")
+              + f"; continue with `python tools/train.py {run_dir / 'config.yaml'} resume={run_dir}`", flush=True)
+    return {"stopped_at_step": step, "signal": signal_name}
 
 
 def train(cfg: Config) -> dict:
@@ -202,51 +211,59 @@ def train(cfg: Config) -> dict:
     window_steps = 0
     throughput = []
     method.train()
-    while state.step < stop_at:
-        epoch = state.step // steps_per_epoch
-        loader.set_epoch(epoch, start_batch=state.step % steps_per_epoch)
-        for batch in loader:
-            lr = lr_at(state.step, total, warmup, peak_lr, cfg.optim.min_lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            if channels_last:
-                batch = channels_last_views(batch)
-            out = optimizer_step(method, optimizer, accelerator, batch, cfg.train.grad_accum)
-            unwrapped.after_step(state.step, total)
-            state.step += 1
-            window_steps += 1
+    stop_signal = None
+    with StopRequest() as stop_request:
+        while state.step < stop_at and not stop_signal:
+            epoch = state.step // steps_per_epoch
+            loader.set_epoch(epoch, start_batch=state.step % steps_per_epoch)
+            for batch in loader:
+                lr = lr_at(state.step, total, warmup, peak_lr, cfg.optim.min_lr)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                if channels_last:
+                    batch = channels_last_views(batch)
+                out = optimizer_step(method, optimizer, accelerator, batch, cfg.train.grad_accum)
+                unwrapped.after_step(state.step, total)
+                state.step += 1
+                window_steps += 1
 
-            if state.step % cfg.train.log_every == 0 or state.step == stop_at:
-                loss = out.loss.item()  # sync point: only on logging steps
-                if not torch.isfinite(torch.tensor(loss)):
-                    raise UserError(f"loss is {loss} at step {state.step}; lower optim.lr or check the data")
-                now = time.time()
-                ips = window_steps * cfg.data.batch_size / max(now - t_window, 1e-9)
-                throughput.append(ips)
-                record = {"step": state.step, "epoch": epoch, "loss": loss, "lr": lr, "images_per_s": ips}
-                record.update({k: float(v) for k, v in out.logs.items()})
-                metrics.write(record)
-                progress.update(state.step, record)
-                t_window, window_steps = now, 0
-            if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
-                check_finite(unwrapped, state.step)
-                save_checkpoint(accelerator, run_dir, state.step, unwrapped.encoder, config_dict,
-                                cfg.train.keep_checkpoints)
-            if main and state.step % steps_per_epoch == 0:
-                # Only the main process evaluates; the others wait at the next collective.
-                knn = monitor.maybe_run(state.step // steps_per_epoch, unwrapped.encoder)
-                if knn is not None:
-                    metrics.write({"step": state.step, "epoch": state.step // steps_per_epoch, **knn})
-                    progress.print(f"epoch {state.step // steps_per_epoch}: kNN top-1 {knn['knn_top1']:.2f}%")
-            if state.step >= stop_at:
-                break
+                if state.step % cfg.train.log_every == 0 or state.step == stop_at:
+                    loss = out.loss.item()  # sync point: only on logging steps
+                    if not torch.isfinite(torch.tensor(loss)):
+                        raise UserError(f"loss is {loss} at step {state.step}; lower optim.lr or check the data")
+                    now = time.time()
+                    ips = window_steps * cfg.data.batch_size / max(now - t_window, 1e-9)
+                    throughput.append(ips)
+                    record = {"step": state.step, "epoch": epoch, "loss": loss, "lr": lr, "images_per_s": ips}
+                    record.update({k: float(v) for k, v in out.logs.items()})
+                    metrics.write(record)
+                    progress.update(state.step, record)
+                    t_window, window_steps = now, 0
+                if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
+                    check_finite(unwrapped, state.step)
+                    save_checkpoint(accelerator, run_dir, state.step, unwrapped.encoder, config_dict,
+                                    cfg.train.keep_checkpoints)
+                if main and state.step % steps_per_epoch == 0:
+                    # Only the main process evaluates; the others wait at the next collective.
+                    knn = monitor.maybe_run(state.step // steps_per_epoch, unwrapped.encoder)
+                    if knn is not None:
+                        metrics.write({"step": state.step, "epoch": state.step // steps_per_epoch, **knn})
+                        progress.print(f"epoch {state.step // steps_per_epoch}: kNN top-1 {knn['knn_top1']:.2f}%")
+                # A stop signal (preemption) ends the run here, on a step every process agrees on.
+                stop_signal = stop_request.agreed(accelerator, state.step % cfg.train.log_every == 0)
+                if stop_signal or state.step >= stop_at:
+                    break
 
-    if not finished and not (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0):
-        check_finite(unwrapped, state.step)
-        save_checkpoint(accelerator, run_dir, state.step, unwrapped.encoder, config_dict, cfg.train.keep_checkpoints)
+        # Still under the handlers: a signal during this save is a request, not the end of the process.
+        if not finished and not (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0):
+            check_finite(unwrapped, state.step)
+            save_checkpoint(accelerator, run_dir, state.step, unwrapped.encoder, config_dict,
+                            cfg.train.keep_checkpoints)
     progress.close()
     metrics.close()
     wall = time.time() - t_start
+    if stop_signal:
+        return _stopped_by(stop_signal, state.step, total, run_dir, main)
     if state.step < total:
         if main:
             print(f"stopped at step {state.step} of {total} (train.stop_after_steps); continue with "
@@ -265,6 +282,8 @@ def train(cfg: Config) -> dict:
     accelerator.wait_for_everyone()
     if not main:
         return summary
+    if stop_request.received:  # during the last save: the final evaluation (minutes on ImageNet) is left to resume
+        return _stopped_by(stop_request.received, state.step, total, run_dir, main)
     if knn_sets is not None:
         from fastssl.eval.knn import knn_eval
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastssl.data.imagefolder import ImageFolderIndex, load_rgb, scan_image_folder
 from fastssl.errors import UserError
+from fastssl.preempt import ignore_in_workers
 from pipelines import ops
 
 # 224 / 256: the centre crop keeps 87.5% of the resized side (AlexNet/ResNet evaluation protocol).
@@ -85,7 +86,8 @@ class EvalLoader:
         n = len(index)
         self._batches = [np.arange(s, min(s + batch_size, n), dtype=np.int64) for s in range(0, n, batch_size)]
         self._loader = DataLoader(_CentreCrops(index, image_size), sampler=self._batches, batch_size=None,
-                                  collate_fn=_as_is, num_workers=workers, pin_memory=device.type == "cuda")
+                                  collate_fn=_as_is, num_workers=workers, pin_memory=device.type == "cuda",
+                                  worker_init_fn=ignore_in_workers)
 
     def __len__(self) -> int:
         return len(self._batches)

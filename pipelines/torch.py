@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastssl.data.imagefolder import ImageFolderIndex, load_rgb, scan_image_folder
 from fastssl.errors import UserError
+from fastssl.preempt import ignore_in_workers
 from pipelines import ops
 from pipelines.augment import AugmentSpec
 from pipelines.base import (BACKENDS, LoaderContext, ViewBatch, batch_seed, check_dataset_batches, check_global_batch,
@@ -131,7 +132,8 @@ class TorchViewLoader:
         # so set_epoch takes effect without restarting them.
         self._loader = DataLoader(_ViewRegions(index, spec, ctx.seed, ctx.process_index), sampler=self._requests,
                                   batch_size=None, collate_fn=_as_is, num_workers=workers,
-                                  pin_memory=aug_device.type == "cuda", persistent_workers=workers > 0)
+                                  pin_memory=aug_device.type == "cuda", persistent_workers=workers > 0,
+                                  worker_init_fn=ignore_in_workers)
 
     def __len__(self) -> int:
         return self._steps

@@ -266,6 +266,46 @@ def test_the_command_a_stopped_run_prints_continues_it_to_the_end(tiny_data, tmp
     assert again.returncode == 0 and f"{out} is already at step 4 of 4; nothing to do\n" in again.stdout
 
 
+def test_sigterm_to_the_whole_job_checkpoints_and_resume_ends_like_an_uninterrupted_run(tiny_data, tmp_path):
+    """A cluster's preemption: SIGTERM to every process of the job (trainer and DataLoader workers alike), then
+    SIGKILL after a grace period. The trainer stops at the next step with a checkpoint and exits 0; the command
+    it prints continues to the end, where the uninterrupted run ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    steps = ["train.max_steps=30", "eval.knn_val_path=", "data.workers=1"]
+    full_run = run_tool("tools/train.py", str(RECIPE), *_overrides(tiny_data, tmp_path / "full"), *steps)
+    assert full_run.returncode == 0, full_run.stderr[-3000:]  # same threads as the runs below: same floats
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "tools/train.py"), str(RECIPE), *_overrides(tiny_data, out), *steps]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a job's
+    metrics, deadline = out / "metrics.jsonl", time.time() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and proc.poll() is None:
+        assert time.time() < deadline, "no third step within 300 s"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    stopped = int(latest_checkpoint(out).name.split("_")[1])
+    assert 3 <= stopped < 30
+    assert (f"SIGTERM received: stopped at step {stopped} of 30, checkpoint written; continue with `python "
+            f"tools/train.py {out / 'config.yaml'} resume={out}`") in stdout
+    assert not (out / "summary.json").exists()
+    command = stdout.split("`")[1].split()
+    ended = run_tool(*command[1:])
+    assert ended.returncode == 0, ended.stderr[-3000:]
+    full, resumed = _state(tmp_path / "full"), _state(out)
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=1e-5, atol=1e-6, msg=k)
+    at_stop = torch.load(out / f"checkpoints/step_{stopped:08d}/pytorch_model.bin", weights_only=True)
+    assert max((at_stop[k] - v).abs().max().item() for k, v in full.items() if v.is_floating_point()) > 1e-3
+
+
 def test_resuming_from_a_damaged_checkpoint_is_one_line_naming_it(tiny_data, tmp_path):
     out = tmp_path / "run"
     train(_cfg(tiny_data, out, "train.max_steps=4", "train.stop_after_steps=2", "eval.knn_val_path="))
