@@ -250,7 +250,7 @@ def train(cfg: Config) -> dict:
                         metrics.write({"step": state.step, "epoch": state.step // steps_per_epoch, **knn})
                         progress.print(f"epoch {state.step // steps_per_epoch}: kNN top-1 {knn['knn_top1']:.2f}%")
                 # A stop signal (preemption) ends the run here, on a step every process agrees on.
-                stop_signal = stop_request.agreed(accelerator, state.step % cfg.train.log_every == 0)
+                stop_signal = stop_request.agreed(accelerator, state.step)
                 if stop_signal or state.step >= stop_at:
                     break
 

@@ -74,21 +74,28 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(method, tmp_p
 
 def test_two_process_run_stopped_and_resumed_ends_with_the_same_weights(tmp_path):
     """tools/train.py on 2 gloo processes (global BN, global negatives, each rank its own shard of the views):
-    stopped after 3 of 5 steps and resumed, it ends where the uninterrupted 2-process run ends. The
-    uninterrupted run goes through `accelerate launch` with recipes/accelerate/cpu_2proc.yaml (the README's
-    command), the others through torchrun, and a third through the multi-node config on two "nodes" of one
-    process each: every launcher must make the same run."""
+    stopped after 3 of 25 steps and resumed, or stopped by SIGTERM to the whole job (a cluster's preemption)
+    and resumed, it ends where the uninterrupted 2-process run ends. The uninterrupted run goes through
+    `accelerate launch` with recipes/accelerate/cpu_2proc.yaml (the README's command), the others through
+    torchrun, and a third through the multi-node config on two "nodes" of one process each: every launcher
+    must make the same run."""
+    import signal
+    import time
+
     from fastssl.checkpoint import latest_checkpoint
     from fastssl.data.synthetic import make_synthetic_dataset
 
     data = tmp_path / "ds"
     make_synthetic_dataset(data, classes=2, train_per_class=8, val_per_class=1, size=16, seed=0)
 
+    def args(out, *extra):
+        return [str(ROOT / "tools/train.py"), str(ROOT / "recipes/simclr_resnet18_synthetic.yaml"),
+                f"data.path={data}/train", "eval.knn_val_path=", f"output_dir={out}", "data.image_size=16",
+                "data.batch_size=4", "data.workers=0", "train.max_steps=25", "train.progress=false",
+                "train.log_every=1", "method.proj_hidden=32", "method.proj_dim=16", *extra]
+
     def run(out, *extra, launcher="torchrun"):
-        return _run([str(ROOT / "tools/train.py"), str(ROOT / "recipes/simclr_resnet18_synthetic.yaml"),
-                     f"data.path={data}/train", "eval.knn_val_path=", f"output_dir={out}", "data.image_size=16",
-                     "data.batch_size=4", "data.workers=0", "train.max_steps=5", "train.progress=false",
-                     "method.proj_hidden=32", "method.proj_dim=16", *extra], 2, tmp_path, launcher)
+        return _run(args(out, *extra), 2, tmp_path, launcher)
 
     assert "global batch 4 = 2 process(es) x 2" in run(tmp_path / "full", launcher="accelerate").stdout
     run(tmp_path / "part", "train.stop_after_steps=3")
@@ -96,13 +103,30 @@ def test_two_process_run_stopped_and_resumed_ends_with_the_same_weights(tmp_path
     run(tmp_path / "part", f"resume={tmp_path / 'part'}")
     load = lambda d: torch.load(latest_checkpoint(d) / "pytorch_model.bin", map_location="cpu", weights_only=True)
     full, resumed = load(tmp_path / "full"), load(tmp_path / "part")
-    assert latest_checkpoint(tmp_path / "part").name == "step_00000005" and full.keys() == resumed.keys()
+    assert latest_checkpoint(tmp_path / "part").name == "step_00000025" and full.keys() == resumed.keys()
     for k, v in full.items():
         torch.testing.assert_close(resumed[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+    sig = tmp_path / "sig"
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            *args(sig)], cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not ((sig / "metrics.jsonl").is_file() and len((sig / "metrics.jsonl").read_text().splitlines()) >= 3):
+        assert job.poll() is None and time.time() < deadline, job.stderr.read()[-4000:] if job.poll() else "slow"
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGTERM)  # torchrun, both ranks: every process of the job, as a cluster does
+    # (the processes agree on stopping every AGREE_EVERY = 10 steps: the next one after the signal)
+    stdout, stderr = job.communicate(timeout=300)
+    stopped = int(latest_checkpoint(sig).name.split("_")[1])
+    assert stopped in (10, 20) and f"SIGTERM received: stopped at step {stopped} of 25" in stdout, stderr[-4000:]
+    run(sig, f"resume={sig}")
+    for k, v in load(sig).items():
+        torch.testing.assert_close(v, full[k], rtol=1e-5, atol=1e-6, msg=k)
     assert "global batch 4 = 2 process(es) x 2" in run(tmp_path / "nodes", launcher="nodes").stdout
     for k, v in load(tmp_path / "nodes").items():
         torch.testing.assert_close(v, full[k], rtol=1e-5, atol=1e-6, msg=k)
-    # Not vacuous: steps 4 and 5 moved the weights well beyond that tolerance.
+    # Not vacuous: steps 4 to 25 moved the weights well beyond that tolerance.
     at3 = torch.load(tmp_path / "part/checkpoints/step_00000003/pytorch_model.bin", map_location="cpu",
                      weights_only=True)
     assert max((at3[k] - v).abs().max().item() for k, v in full.items() if v.is_floating_point()) > 1e-3
@@ -150,6 +174,14 @@ def _agreement_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     acc = types.SimpleNamespace(num_processes=2)
     seen = {"from_main": from_main(acc, f"rank {rank}'s view")}
+    # A stop signal that reached rank 1 only: both stop, at the next agreement step (no collective between).
+    from fastssl.preempt import AGREE_EVERY, StopRequest
+
+    request = StopRequest()
+    acc.device = torch.device("cpu")
+    seen["agreed"] = [request.agreed(acc, AGREE_EVERY)]
+    request.received = "SIGTERM" if rank == 1 else None
+    seen["agreed"] += [request.agreed(acc, AGREE_EVERY + 1), request.agreed(acc, 2 * AGREE_EVERY)]
     raise_together(acc, None)  # nobody failed: nobody raises
     try:
         raise_together(acc, "rank 1's file is unreadable" if rank == 1 else None)
@@ -160,14 +192,15 @@ def _agreement_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def test_a_failure_on_one_rank_is_raised_on_every_rank_and_main_decides(tmp_path):
+def test_a_failure_or_stop_signal_on_one_rank_reaches_every_rank_and_main_decides(tmp_path):
     # A rank that raised alone would leave the others at their next collective until its timeout (10 min).
     import torch.multiprocessing as mp
 
     mp.spawn(_agreement_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         seen = torch.load(tmp_path / f"rank{rank}.pt")
-        assert seen == {"from_main": "rank 0's view", "raised": "rank 1's file is unreadable"}
+        assert seen == {"from_main": "rank 0's view", "raised": "rank 1's file is unreadable",
+                        "agreed": [None, None, "SIGTERM" if rank == 1 else "a signal on another process"]}
 
 
 @pytest.mark.parametrize("method", ["simclr", "mocov2", "mocov3"])
