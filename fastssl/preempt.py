@@ -1,10 +1,11 @@
 """SIGTERM and SIGUSR1 as a request to stop: checkpoint at the next step every process agrees on, then leave.
 
 Clusters announce the end of a job with a signal and kill it a grace period later (SLURM: SIGTERM on
-preemption, `scancel` and time-out, then SIGKILL after KillWait, 30 s by default; `sbatch --signal=USR1@120`
-asks for SIGUSR1 two minutes before the time limit). A trainer that dies there loses every step since its last
+preemption, `scancel` and time-out, then SIGKILL after KillWait, 30 s by default; `sbatch --signal=TERM@120`
+asks for it two minutes before the time limit). A trainer that dies there loses every step since its last
 periodic checkpoint. The handler only records the signal; the loop checks it between steps, where the weights
-are consistent.
+are consistent. SIGUSR1 is honoured too, but torchrun's agent (under `accelerate launch` on several processes)
+dies of it unless TORCHELASTIC_SIGNALS_TO_HANDLE lists it: SIGTERM is the signal to use there.
 
 Every process must stop at the same step (checkpointing is collective): one process may get the signal late or
 not at all, so on several processes the decision is an all-reduce of one flag every AGREE_EVERY steps (its
@@ -15,6 +16,7 @@ checks its flag after every step. SIGINT keeps its meaning: Ctrl-C stops at once
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -62,6 +64,15 @@ class StopRequest:
 def ignore_in_workers(_worker_id: int = 0) -> None:
     """DataLoader worker_init_fn: a cluster signals every process of the job, and a worker killed by SIGTERM
     makes its DataLoader raise in the trainer before the checkpoint is written. Workers ignore the stop
-    signals; the trainer shuts them down when it leaves."""
-    for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    signals from anyone but their parent: the trainer's own shutdown of them (DataLoader's, or
+    multiprocessing's SIGTERM to leftover children at exit, after a crash) still ends them at once."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # inherited by the thread below, which takes them
+    threading.Thread(target=_exit_on_parents_signal, args=(os.getppid(),), daemon=True,
+                     name="fastssl-stop-signals").start()
+
+
+def _exit_on_parents_signal(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(SIGNALS)
+        if info.si_pid == parent or os.getppid() != parent:
+            os._exit(128 + info.si_signo)  # as the default action would end it
