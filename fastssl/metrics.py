@@ -62,7 +62,7 @@ class Progress:
         self.enabled, self.main = enabled and main, main
         self._bar = None
         self._t0 = time.time()
-        if enabled and sys.stdout.isatty():
+        if self.enabled and sys.stdout.isatty():  # one bar, the main process's
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
                 TimeRemainingColumn
 

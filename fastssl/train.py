@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,15 +71,15 @@ def _knn_sets(cfg: Config):
     return train_index, val_index
 
 
-def check_finite(method: torch.nn.Module, step: int) -> None:
+def nonfinite_weights(method: torch.nn.Module, step: int) -> str | None:
     """Before a checkpoint: weights that diverged between two logged losses must not replace a good checkpoint
-    (the oldest kept ones are deleted as new ones land). Every rank holds the same weights, so every rank
-    raises together."""
+    (the oldest kept ones are deleted as new ones land). Buffers count: MoCo v2's per-rank key BN statistics
+    can turn NaN on one rank alone, so the caller raises on every rank together."""
     for name, t in (*method.named_parameters(), *method.named_buffers()):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise UserError(f"{name} is not finite at step {step}: training diverged, so no checkpoint is written "
-                            f"and the earlier ones are kept; train again with a lower optim.lr (or "
-                            f"train.precision=fp32)")
+            return (f"{name} is not finite at step {step}: training diverged, so no checkpoint is written and the "
+                    f"earlier ones are kept; train again with a lower optim.lr (or train.precision=fp32)")
+    return None
 
 
 def raise_together(accelerator, failure: str | None) -> None:
@@ -105,11 +107,20 @@ def from_main(accelerator, value):
     return value
 
 
-def _stopped_by(signal_name: str, step: int, total: int, run_dir: Path, main: bool) -> dict:
+def _resume_hint(run_dir: Path, world: int, extra: str = "") -> str:
+    """The command that continues a stopped run. Several processes: the same launcher (one process would take
+    the whole global batch)."""
+    args = f"tools/train.py {shlex.quote(str(run_dir / 'config.yaml'))} {shlex.quote(f'resume={run_dir}')}{extra}"
+    if world == 1:
+        return f"continue with `python {args}`"
+    return f"continue by launching {world} processes as before with `{args}`"
+
+
+def _stopped_by(signal_name: str, step: int, total: int, run_dir: Path, world: int, main: bool) -> dict:
     if main:
         print(f"{signal_name} received: stopped at step {step} of {total}"
               + (", checkpoint written" if step < total else ", before the final evaluation")
-              + f"; continue with `python tools/train.py {run_dir / 'config.yaml'} resume={run_dir}`", flush=True)
+              + f"; {_resume_hint(run_dir, world)}", flush=True)
     return {"stopped_at_step": step, "signal": signal_name}
 
 
@@ -229,8 +240,9 @@ def train(cfg: Config) -> dict:
 
                 if state.step % cfg.train.log_every == 0 or state.step == stop_at:
                     loss = out.loss.item()  # sync point: only on logging steps
-                    if not torch.isfinite(torch.tensor(loss)):
-                        raise UserError(f"loss is {loss} at step {state.step}; lower optim.lr or check the data")
+                    # Each rank's loss is over its own anchors: one rank's NaN stops every rank.
+                    raise_together(accelerator, None if math.isfinite(loss) else
+                                   f"loss is {loss} at step {state.step}; lower optim.lr or check the data")
                     now = time.time()
                     ips = window_steps * cfg.data.batch_size / max(now - t_window, 1e-9)
                     throughput.append(ips)
@@ -240,7 +252,7 @@ def train(cfg: Config) -> dict:
                     progress.update(state.step, record)
                     t_window, window_steps = now, 0
                 if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
-                    check_finite(unwrapped, state.step)
+                    raise_together(accelerator, nonfinite_weights(unwrapped, state.step))
                     save_checkpoint(accelerator, run_dir, state.step, unwrapped.encoder, config_dict,
                                     cfg.train.keep_checkpoints)
                 if main and state.step % steps_per_epoch == 0:
@@ -256,19 +268,18 @@ def train(cfg: Config) -> dict:
 
         # Still under the handlers: a signal during this save is a request, not the end of the process.
         if not finished and not (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0):
-            check_finite(unwrapped, state.step)
+            raise_together(accelerator, nonfinite_weights(unwrapped, state.step))
             save_checkpoint(accelerator, run_dir, state.step, unwrapped.encoder, config_dict,
                             cfg.train.keep_checkpoints)
     progress.close()
     metrics.close()
     wall = time.time() - t_start
-    if stop_signal:
-        return _stopped_by(stop_signal, state.step, total, run_dir, main)
+    if stop_signal and (state.step < total or knn_sets is not None):  # at the end, only the evaluation is left
+        return _stopped_by(stop_signal, state.step, total, run_dir, world, main)
     if state.step < total:
         if main:
-            print(f"stopped at step {state.step} of {total} (train.stop_after_steps); continue with "
-                  f"`python tools/train.py {run_dir / 'config.yaml'} resume={run_dir} train.stop_after_steps=0`",
-                  flush=True)
+            print(f"stopped at step {state.step} of {total} (train.stop_after_steps); "
+                  f"{_resume_hint(run_dir, world, ' train.stop_after_steps=0')}", flush=True)
         return {"stopped_at_step": state.step}
 
     if finished:  # resumed only for the final evaluation: the throughput is the logged one
@@ -282,8 +293,9 @@ def train(cfg: Config) -> dict:
     accelerator.wait_for_everyone()
     if not main:
         return summary
-    if stop_request.received:  # during the last save: the final evaluation (minutes on ImageNet) is left to resume
-        return _stopped_by(stop_request.received, state.step, total, run_dir, main)
+    # A signal during the last save: the final evaluation (minutes on ImageNet) is left to the resume.
+    if stop_request.received and knn_sets is not None:
+        return _stopped_by(stop_request.received, state.step, total, run_dir, world, main)
     if knn_sets is not None:
         from fastssl.eval.knn import knn_eval
 

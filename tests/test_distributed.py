@@ -26,6 +26,7 @@ def _free_port() -> int:
 
 def _run(args, world: int, tmp_path, launcher: str = "torchrun"):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    others = []  # the other "nodes" of a multi-node launch
     if world == 1:
         cmd = [sys.executable, *args]
     elif launcher == "accelerate":  # the README's command, with the shipped 2-process CPU config
@@ -42,11 +43,15 @@ def _run(args, world: int, tmp_path, launcher: str = "torchrun"):
         cmd = [*node, "--machine_rank", "0", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *args]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for other in others if launcher == "nodes" else ():
-        _, err = other.communicate(timeout=60)
-        assert other.returncode == 0, err[-4000:]
+    try:
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        for other in others:
+            _, err = other.communicate(timeout=60)
+            assert other.returncode == 0, err[-4000:]
+    finally:  # a failed or hung node 0 must not leave the others waiting for it
+        for other in others:
+            other.kill()
     return proc
 
 
@@ -108,18 +113,25 @@ def test_two_process_run_stopped_and_resumed_ends_with_the_same_weights(tmp_path
         torch.testing.assert_close(resumed[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
     sig = tmp_path / "sig"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            *args(sig)], cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 300
-    while not ((sig / "metrics.jsonl").is_file() and len((sig / "metrics.jsonl").read_text().splitlines()) >= 3):
-        assert job.poll() is None and time.time() < deadline, job.stderr.read()[-4000:] if job.poll() else "slow"
-        time.sleep(0.02)
-    os.killpg(job.pid, signal.SIGTERM)  # torchrun, both ranks: every process of the job, as a cluster does
-    # (the processes agree on stopping every AGREE_EVERY = 10 steps: the next one after the signal)
-    stdout, stderr = job.communicate(timeout=300)
+                            *args(sig)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not ((sig / "metrics.jsonl").is_file() and len((sig / "metrics.jsonl").read_text().splitlines()) >= 3):
+            assert job.poll() is None and time.time() < deadline, job.stderr.read()[-4000:] if job.poll() else "slow"
+            time.sleep(0.02)
+        os.killpg(job.pid, signal.SIGTERM)  # torchrun, both ranks: every process of the job, as a cluster does
+        # (the processes agree on stopping every AGREE_EVERY = 10 steps: the next one after the signal)
+        stdout, stderr = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
     stopped = int(latest_checkpoint(sig).name.split("_")[1])
-    assert stopped in (10, 20) and f"SIGTERM received: stopped at step {stopped} of 25" in stdout, stderr[-4000:]
+    assert stopped in (10, 20), stderr[-4000:]
+    assert (f"SIGTERM received: stopped at step {stopped} of 25, checkpoint written; continue by launching 2 "
+            f"processes as before with `tools/train.py {sig / 'config.yaml'} resume={sig}`") in stdout
     run(sig, f"resume={sig}")
     for k, v in load(sig).items():
         torch.testing.assert_close(v, full[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
+import signal
 
 import pytest
 import torch
@@ -67,6 +69,26 @@ def test_cli_run_writes_config_metrics_checkpoint_and_summary(tiny_data, tmp_pat
     assert summary["steps"] == 4
     for key in ("knn_top1", "knn_top1_random_init"):
         assert 0.0 <= summary[key] <= 100.0
+
+
+def test_only_the_main_process_shows_progress_even_on_a_terminal(monkeypatch):
+    # An interactive `accelerate launch` gives every process the terminal: one bar, one set of messages.
+    import io
+    import sys
+
+    from fastssl.metrics import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    other = Progress(10, 0, enabled=True, main=False)
+    other.print("from rank 1")
+    assert other._bar is None and sys.stdout.getvalue() == ""
+    main = Progress(10, 0, enabled=True, main=True)
+    assert main._bar is not None
+    main.close()
 
 
 def _state(run_dir):
@@ -252,7 +274,7 @@ def test_the_command_a_stopped_run_prints_continues_it_to_the_end(tiny_data, tmp
     proc = run_tool("tools/train.py", str(RECIPE), *_overrides(tiny_data, out), "train.stop_after_steps=2",
                     "eval.knn_val_path=")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    command = proc.stdout.split("`")[1].split()
+    command = shlex.split(proc.stdout.split("`")[1])
     assert command[:2] == ["python", "tools/train.py"]
     resume = ("tools/train.py", str(out / "config.yaml"), f"resume={out}")
     same = run_tool(*resume)
@@ -296,7 +318,7 @@ def test_sigterm_to_the_whole_job_checkpoints_and_resume_ends_like_an_uninterrup
     assert (f"SIGTERM received: stopped at step {stopped} of 30, checkpoint written; continue with `python "
             f"tools/train.py {out / 'config.yaml'} resume={out}`") in stdout
     assert not (out / "summary.json").exists()
-    command = stdout.split("`")[1].split()
+    command = shlex.split(stdout.split("`")[1])
     ended = run_tool(*command[1:])
     assert ended.returncode == 0, ended.stderr[-3000:]
     full, resumed = _state(tmp_path / "full"), _state(out)
@@ -304,6 +326,52 @@ def test_sigterm_to_the_whole_job_checkpoints_and_resume_ends_like_an_uninterrup
         torch.testing.assert_close(resumed[k], full[k], rtol=1e-5, atol=1e-6, msg=k)
     at_stop = torch.load(out / f"checkpoints/step_{stopped:08d}/pytorch_model.bin", weights_only=True)
     assert max((at_stop[k] - v).abs().max().item() for k, v in full.items() if v.is_floating_point()) > 1e-3
+
+
+def _signal_during_step(monkeypatch, step: int, sig: signal.Signals) -> None:
+    """The trainer's process gets `sig` while it runs step `step` (1-based), as a cluster's signal would."""
+    import os
+
+    import fastssl.train as train_mod
+
+    real_step, calls = train_mod.optimizer_step, []
+
+    def signalling_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), sig)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "optimizer_step", signalling_step)
+
+
+def test_one_process_stops_after_the_step_the_signal_came_in(tiny_data, tmp_path, monkeypatch):
+    # One process has nobody to agree with: it checks after every step, not every AGREE_EVERY steps.
+    _signal_during_step(monkeypatch, 7, signal.SIGUSR1)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    out = tmp_path / "run"
+    result = train(_cfg(tiny_data, out, "train.max_steps=12", "train.log_every=5"))
+    assert result == {"stopped_at_step": 7, "signal": "SIGUSR1"}
+    assert latest_checkpoint(out).name == "step_00000007" and not (out / "summary.json").exists()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before  # handlers put back
+
+
+@pytest.mark.parametrize("knn", [True, False])
+def test_a_signal_in_the_last_step_leaves_only_the_final_evaluation(knn, tiny_data, tmp_path, monkeypatch):
+    """The final kNN reads the whole train set (minutes on ImageNet, beyond a grace period): a signal in the last
+    step stops before it, and the resume runs it. Without a kNN evaluation the run simply ends."""
+    _signal_during_step(monkeypatch, 4, signal.SIGTERM)
+    out = tmp_path / "run"
+    extra = () if knn else ("eval.knn_val_path=",)
+    result = train(_cfg(tiny_data, out, *extra))
+    assert latest_checkpoint(out).name == "step_00000004"
+    if not knn:
+        assert result["steps"] == 4 and (out / "summary.json").is_file()
+        return
+    assert result == {"stopped_at_step": 4, "signal": "SIGTERM"} and not (out / "summary.json").exists()
+    monkeypatch.undo()
+    summary = train(_cfg(tiny_data, out, *extra, f"resume={out}"))
+    assert summary["steps"] == 4 and "knn_top1" in summary and (out / "summary.json").is_file()
 
 
 def test_resuming_from_a_damaged_checkpoint_is_one_line_naming_it(tiny_data, tmp_path):
