@@ -8,6 +8,8 @@
 #SBATCH --time=72:00:00
 # Preemption, scancel and the time limit send SIGTERM to every process: the trainer checkpoints within 10 steps
 # (torchrun gives its processes 30 s) and prints how to continue: submit again with resume=<output_dir> added.
+# --signal sends that SIGTERM 2 minutes before the time limit, so the steps since the last checkpoint are kept.
+#SBATCH --signal=TERM@120
 set -euo pipefail
 RECIPE=${1:?usage: sbatch --nodes=N recipes/slurm_example.sh RECIPE.yaml [section.key=value ...]}
 shift
