@@ -8,10 +8,11 @@ are consistent. SIGUSR1 is honoured too, but torchrun's agent (under `accelerate
 dies of it unless TORCHELASTIC_SIGNALS_TO_HANDLE lists it: SIGTERM is the signal to use there.
 
 Every process must stop at the same step (checkpointing is collective): one process may get the signal late or
-not at all, so on several processes the decision is an all-reduce of one flag every AGREE_EVERY steps (its
-host sync costs well under 1% there; torchrun, under `accelerate launch`, forwards SIGTERM to its processes and
-kills them 30 s later, so the stop has to come within seconds, not at the next logging step). One process
-checks its flag after every step. SIGINT keeps its meaning: Ctrl-C stops at once.
+not at all, so on several processes the decision is an all-reduce of one flag, with a host sync, every
+AGREE_EVERY steps (not at every step, which would stall the GPU queue each time; not only at logging steps:
+torchrun, under `accelerate launch`, forwards SIGTERM to its processes and kills them 30 s later, so the stop
+has to come within seconds). One process checks its flag after every step. SIGINT keeps its meaning: Ctrl-C
+stops at once.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
         self._previous.clear()
 
     def _record(self, signum, frame) -> None:
