@@ -293,7 +293,6 @@ def test_sigterm_to_the_whole_job_checkpoints_and_resume_ends_like_an_uninterrup
     SIGKILL after a grace period. The trainer stops at the next step with a checkpoint and exits 0; the command
     it prints continues to the end, where the uninterrupted run ends."""
     import os
-    import signal
     import subprocess
     import sys
     import time
