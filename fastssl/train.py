@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shlex
@@ -116,6 +117,20 @@ def _resume_hint(run_dir: Path, world: int, extra: str = "") -> str:
     return f"continue by launching {world} processes as before with `{args}`"
 
 
+@contextlib.contextmanager
+def _say_where_on_interrupt(state, run_dir: Path, world: int, main: bool):
+    """Ctrl-C stops at once (no checkpoint of the steps since the last one): say what is kept and how to go on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if main:
+            last = latest_checkpoint(run_dir)
+            print(f"interrupted after step {state.step}; "
+                  + (f"the last checkpoint is {last.name}; {_resume_hint(run_dir, world)}" if last else
+                     "no checkpoint yet: the same command starts the run again"), flush=True)
+        raise
+
+
 def _stopped_by(signal_name: str, step: int, total: int, run_dir: Path, world: int, main: bool) -> dict:
     if main:
         print(f"{signal_name} received: stopped at step {step} of {total}"
@@ -223,7 +238,7 @@ def train(cfg: Config) -> dict:
     throughput = []
     method.train()
     stop_signal = None
-    with StopRequest() as stop_request:
+    with StopRequest() as stop_request, _say_where_on_interrupt(state, run_dir, world, main):
         while state.step < stop_at and not stop_signal:
             epoch = state.step // steps_per_epoch
             loader.set_epoch(epoch, start_batch=state.step % steps_per_epoch)

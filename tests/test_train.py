@@ -355,6 +355,26 @@ def test_one_process_stops_after_the_step_the_signal_came_in(tiny_data, tmp_path
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before  # handlers put back
 
 
+def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_continue(tiny_data, tmp_path, monkeypatch, capsys):
+    import fastssl.train as train_mod
+
+    real_step, calls = train_mod.optimizer_step, []
+
+    def interrupted_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # as Python raises it for Ctrl-C
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "optimizer_step", interrupted_step)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny_data, out, "train.max_steps=8", "train.checkpoint_every=3", "eval.knn_val_path="))
+    assert (f"interrupted after step 4; the last checkpoint is step_00000003; continue with `python tools/train.py "
+            f"{out / 'config.yaml'} resume={out}`\n") in capsys.readouterr().out
+    assert latest_checkpoint(out).name == "step_00000003"
+
+
 @pytest.mark.parametrize("knn", [True, False])
 def test_a_signal_in_the_last_step_leaves_only_the_final_evaluation(knn, tiny_data, tmp_path, monkeypatch):
     """The final kNN reads the whole train set (minutes on ImageNet, beyond a grace period): a signal in the last
