@@ -14,11 +14,10 @@ import torch
 
 from fastssl.checkpoint import UNREADABLE_ERRORS, latest_checkpoint, load_encoder, save_checkpoint
 from fastssl.config import Config, config_to_dict, dump_config
-from fastssl.data.imagefolder import scan_image_folder
 from fastssl.data.shards import is_shard_dir
 from fastssl.errors import UserError
 from fastssl.fileio import write_atomic
-from fastssl.eval.knn import check_same_classes
+from fastssl.eval.knn import paired_folders
 from fastssl.eval.monitor import KnnMonitor
 from fastssl.metrics import MetricsLog, Progress, read_records
 from fastssl.optim import build_optimizer
@@ -67,9 +66,8 @@ def _knn_sets(cfg: Config):
             what = "a DALI shard folder" if Path(train_path).is_dir() else "a file"
             raise UserError(f"data.path {train_path!r} is {what}, not an ImageFolder, and the kNN evaluation's "
                             f"memory bank defaults to it; set eval.knn_train_path to an ImageFolder")
-    train_index, val_index = scan_image_folder(train_path), scan_image_folder(cfg.eval.knn_val_path)
-    check_same_classes(train_index, val_index, "eval.knn_train_path (or data.path)", "eval.knn_val_path")
-    return train_index, val_index
+    return paired_folders(train_path, cfg.eval.knn_val_path, "eval.knn_train_path (or data.path)",
+                          "eval.knn_val_path")
 
 
 def nonfinite_weights(method: torch.nn.Module, step: int) -> str | None:

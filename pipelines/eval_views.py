@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from fastssl.data.imagefolder import ImageFolderIndex, load_rgb, scan_image_folder
+from fastssl.data.imagefolder import ImageFolderIndex, as_index, load_rgb
 from fastssl.errors import UserError
 from fastssl.preempt import ignore_in_workers
 from pipelines import ops
@@ -103,7 +103,7 @@ class EvalLoader:
 
 def build_eval_loader(root_or_index: str | os.PathLike | ImageFolderIndex, image_size: int, batch_size: int,
                       workers: int, device: torch.device | str, mean, std) -> EvalLoader:
-    index = root_or_index if isinstance(root_or_index, ImageFolderIndex) else scan_image_folder(root_or_index)
+    index = as_index(root_or_index)
     if image_size < 1 or batch_size < 1:
         raise UserError(f"eval image_size={image_size}, batch_size={batch_size}; expected positive integers")
     if workers < 0:

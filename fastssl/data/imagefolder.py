@@ -79,6 +79,11 @@ def scan_image_folder(root: str | os.PathLike) -> ImageFolderIndex:
     return ImageFolderIndex(root=root, classes=classes, samples=tuple(samples))
 
 
+def as_index(folder: str | os.PathLike | ImageFolderIndex) -> ImageFolderIndex:
+    """An ImageFolder given as a root path (scanned now) or as an index a caller has already scanned."""
+    return folder if isinstance(folder, ImageFolderIndex) else scan_image_folder(folder)
+
+
 def _decode(path: str) -> np.ndarray:
     # `load()` forces the full decode: `open()` only reads the header, so a truncated JPEG would pass it.
     # ImageFile.LOAD_TRUNCATED_IMAGES is left at PIL's default (False) so missing bytes raise instead of

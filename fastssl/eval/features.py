@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastssl.data.imagefolder import ImageFolderIndex, scan_image_folder
+from fastssl.data.imagefolder import ImageFolderIndex, as_index
 
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 
@@ -16,7 +16,7 @@ def extract_features(encoder: nn.Module, data: str | ImageFolderIndex, image_siz
     """Returns (features N x F on `device`, labels N, number of classes), in dataset order."""
     from pipelines.torch import build_eval_loader
 
-    index = data if isinstance(data, ImageFolderIndex) else scan_image_folder(data)
+    index = as_index(data)
     loader = build_eval_loader(index, image_size, batch_size, workers, torch.device(device), IMAGENET_MEAN,
                                IMAGENET_STD)
     was_training = encoder.training

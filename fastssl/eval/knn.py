@@ -49,17 +49,23 @@ def check_same_classes(train, val, train_what: str = "kNN train folder", val_wha
                         f"expected the same class folders")
 
 
+def paired_folders(train, val, train_what: str, val_what: str):
+    """The two ImageFolders of an evaluation (roots or scanned indexes) as indexes holding the same classes."""
+    from fastssl.data.imagefolder import as_index
+
+    train, val = as_index(train), as_index(val)
+    check_same_classes(train, val, train_what, val_what)
+    return train, val
+
+
 def knn_eval(encoder, train_data, val_data, image_size: int, *, k: int = 20, temperature: float = 0.07,
              batch_size: int = 256, device="cpu", workers: int = 2) -> dict[str, float]:
     """kNN top-1/top-5 (%) of `encoder` with `train_data` as the memory bank and `val_data` as queries
     (ImageFolders or ImageFolderIndex); both must hold the same class names."""
-    from fastssl.data.imagefolder import ImageFolderIndex, scan_image_folder
     from fastssl.eval.features import extract_features
 
     check_knn_settings(k, temperature)  # before the (slow) feature extraction
-    train = train_data if isinstance(train_data, ImageFolderIndex) else scan_image_folder(train_data)
-    val = val_data if isinstance(val_data, ImageFolderIndex) else scan_image_folder(val_data)
-    check_same_classes(train, val)
+    train, val = paired_folders(train_data, val_data, "kNN train folder", "kNN val folder")
     tr, tr_y, num_classes = extract_features(encoder, train, image_size, batch_size, device, workers)
     va, va_y, _ = extract_features(encoder, val, image_size, batch_size, device, workers)
     return knn_accuracy(tr, tr_y, va, va_y, num_classes, k, temperature)

@@ -107,14 +107,11 @@ def linear_eval(encoder: nn.Module, train_path, val_path, image_size: int, *, ba
                 weight_decay: float = 0.0, seed: int = 0) -> dict:
     """Linear-probe top-1/top-5 (%) on `val_path` of a probe trained on `train_path` (ImageFolders or
     ImageFolderIndex), both seen as centre crops through the frozen `encoder`."""
-    from fastssl.data.imagefolder import ImageFolderIndex, scan_image_folder
     from fastssl.eval.features import extract_features
-    from fastssl.eval.knn import check_same_classes
+    from fastssl.eval.knn import paired_folders
 
     _check(2, epochs, lr, batch_size, optimizer)  # fail before the (slow) feature extraction
-    train = train_path if isinstance(train_path, ImageFolderIndex) else scan_image_folder(train_path)
-    val = val_path if isinstance(val_path, ImageFolderIndex) else scan_image_folder(val_path)
-    check_same_classes(train, val, "probe's train folder", "val folder")
+    train, val = paired_folders(train_path, val_path, "probe's train folder", "val folder")
     # Cached once (no_grad, eval mode): the encoder is frozen, so every probe epoch would see the same features.
     tr, tr_y, num_classes = extract_features(encoder, train, image_size, batch_size, device, workers)
     va, va_y, _ = extract_features(encoder, val, image_size, batch_size, device, workers)
