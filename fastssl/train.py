@@ -231,6 +231,14 @@ def train(cfg: Config) -> dict:
                            "only its own samples, not the global batch")
     unwrapped = accelerator.unwrap_model(method)
     config_dict = config_to_dict(cfg)
+
+    def checkpoint() -> None:  # never of diverged weights: they would rotate the last good checkpoint out
+        raise_together(accelerator, nonfinite_weights(unwrapped, state.step))
+        save_checkpoint(accelerator, run_dir, state.step, unwrapped.encoder, config_dict, cfg.train.keep_checkpoints)
+
+    def periodic_checkpoint_step() -> bool:
+        return bool(cfg.train.checkpoint_every) and state.step % cfg.train.checkpoint_every == 0
+
     t_start = t_window = time.time()
     window_steps = 0
     throughput = []
@@ -264,10 +272,8 @@ def train(cfg: Config) -> dict:
                     metrics.write(record)
                     progress.update(state.step, record)
                     t_window, window_steps = now, 0
-                if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
-                    raise_together(accelerator, nonfinite_weights(unwrapped, state.step))
-                    save_checkpoint(accelerator, run_dir, state.step, unwrapped.encoder, config_dict,
-                                    cfg.train.keep_checkpoints)
+                if periodic_checkpoint_step():
+                    checkpoint()
                 if main and state.step % steps_per_epoch == 0:
                     # Only the main process evaluates; the others wait at the next collective.
                     knn = monitor.maybe_run(state.step // steps_per_epoch, unwrapped.encoder)
@@ -280,10 +286,8 @@ def train(cfg: Config) -> dict:
                     break
 
         # Still under the handlers: a signal during this save is a request, not the end of the process.
-        if not finished and not (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0):
-            raise_together(accelerator, nonfinite_weights(unwrapped, state.step))
-            save_checkpoint(accelerator, run_dir, state.step, unwrapped.encoder, config_dict,
-                            cfg.train.keep_checkpoints)
+        if not finished and not periodic_checkpoint_step():
+            checkpoint()
     progress.close()
     metrics.close()
     wall = time.time() - t_start
