@@ -105,6 +105,15 @@ def save_perturbed_encoder(file: Path, cfg, image_size: int, step: int = 7):
     return enc
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def dead_pid() -> int:
     """A pid no process has any more (a child that exited and was reaped)."""
     import subprocess

@@ -5,7 +5,6 @@ tolerance — loss, and parameters after one optimiser step."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(args, world: int, tmp_path, launcher: str = "torchrun"):
@@ -31,12 +24,12 @@ def _run(args, world: int, tmp_path, launcher: str = "torchrun"):
         cmd = [sys.executable, *args]
     elif launcher == "accelerate":  # the README's command, with the shipped 2-process CPU config
         cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-               str(ROOT / "recipes/accelerate/cpu_2proc.yaml"), "--main_process_port", str(_free_port()), *args]
+               str(ROOT / "recipes/accelerate/cpu_2proc.yaml"), "--main_process_port", str(free_port()), *args]
     elif launcher == "nodes":  # recipes/slurm_example.sh's command on 2 "nodes" of this machine, 1 process each
         node = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
                 str(ROOT / "recipes/accelerate/multinode_8gpu.yaml"), "--num_machines", str(world),
                 "--num_processes", str(world), "--main_process_ip", "127.0.0.1", "--main_process_port",
-                str(_free_port())]
+                str(free_port())]
         others = [subprocess.Popen([*node, "--machine_rank", str(r), *args], cwd=tmp_path, env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                   for r in range(1, world)]

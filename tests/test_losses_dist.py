@@ -16,13 +16,14 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import free_port
 
 WORLD, N_LOCAL, IN, D, QUEUE = 2, 5, 12, 16, 9
 FORMS = ("nt_xent", "info_nce", "info_nce_queue")
@@ -64,17 +65,11 @@ def _worker(out_dir: Path) -> None:
     torch.save(results, out_dir / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.dist
 def test_global_negatives_match_single_process_on_concatenated_batch(tmp_path):
     root = Path(__file__).resolve().parents[1]
     base = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root), MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(_free_port()), WORLD_SIZE=str(WORLD), TRITON_INTERPRET="1")
+                MASTER_PORT=str(free_port()), WORLD_SIZE=str(WORLD), TRITON_INTERPRET="1")
     procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path)], cwd=root, env=dict(base, RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
