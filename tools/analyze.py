@@ -24,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastssl.analysis.plots import check_png_path  # noqa: E402
 from fastssl.errors import ArgumentParser, UserError, cli_main, resolve_device  # noqa: E402
-from fastssl.fileio import check_output_file  # noqa: E402
-from fastssl.fileio import write_atomic  # noqa: E402
+from fastssl.fileio import check_output_file, write_atomic  # noqa: E402
 
 
 # --num-images when not given: a row of views, enough images for CKA's Gram matrices, a few attention maps.

@@ -15,8 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastssl.errors import ArgumentParser, UserError, cli_main, resolve_device  # noqa: E402
-from fastssl.fileio import check_output_file  # noqa: E402
-from fastssl.fileio import write_atomic  # noqa: E402
+from fastssl.fileio import check_output_file, write_atomic  # noqa: E402
 
 
 def _splits(args) -> tuple[str, str]:
