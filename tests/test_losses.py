@@ -14,7 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastssl import losses
 from fastssl.errors import UserError
 from fastssl.losses import chunked
-from test_losses_oracle import FORMS, assert_matches_oracle, make_case, oracle, run_impl, tolerances
+from test_losses_oracle import (FORMS, assert_confident_matches_oracle, assert_matches_oracle, make_case, oracle,
+                                run_impl, tolerances)
 
 # Odd sizes: 2*37 = 74 SimCLR rows, 83 MoCo rows, 101 queue rows; none a multiple of the chunked block below.
 SIZES = {"nt_xent": 37, "info_nce": 83, "info_nce_queue": 83}
@@ -57,6 +58,23 @@ def test_extreme_logits_stay_finite_and_exact(impl, form, small_blocks):
         assert np.abs(got - ref).max() <= bound
 
 
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+@pytest.mark.parametrize("form", FORMS)
+def test_confident_matches_keep_their_small_gradient_in_bf16(impl, form):
+    assert_confident_matches_oracle(form, impl)
+
+
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_a_batch_of_one_has_no_negatives_so_a_zero_loss_and_gradient(impl):
+    # Closed form: the positive is the only term of its softmax, so the loss is log(1) = 0 for any inputs.
+    # (The fused impls then see an empty set of negatives: log-sum-exp -inf, which must not become nan.)
+    x, y = torch.randn(1, 16, requires_grad=True), torch.randn(1, 16, requires_grad=True)
+    total = losses.nt_xent(x, y, impl=impl) + losses.info_nce(x, y, impl=impl)
+    total.backward()
+    assert total.item() == 0.0
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(y.grad, torch.zeros_like(y))
+
+
 def test_chunked_matches_naive_under_bf16_autocast():
     # The trainer calls the loss under autocast; the chunked backend runs its matmuls in fp32 whatever the
     # operand dtype it is handed, so it stays exact.
@@ -80,13 +98,13 @@ def test_backends_get_the_autocast_operand_dtype(autocast, in_dtype, expected):
     seen = []
 
     class Spy:
-        def row_lse(self, a, c, scale, self_offset, dtype):
+        def row_lse(self, a, c, scale, self_offset, positive_index, dtype):
             seen.append(dtype)
-            return chunked.row_lse(a, c, scale, self_offset, dtype)
+            return chunked.row_lse(a, c, scale, self_offset, positive_index, dtype)
 
-        def row_lse_backward(self, a, c, scale, self_offset, dtype, *rest):
+        def row_lse_backward(self, a, c, scale, self_offset, positive_index, dtype, *rest):
             seen.append(dtype)
-            return chunked.row_lse_backward(a, c, scale, self_offset, dtype, *rest)
+            return chunked.row_lse_backward(a, c, scale, self_offset, positive_index, dtype, *rest)
 
     x, y, _ = make_case("nt_xent", 9, 16, 1, in_dtype)
     x.requires_grad_()

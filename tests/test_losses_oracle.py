@@ -173,3 +173,28 @@ def assert_matches_oracle(form, d, t, dtype, impl, n, seed=0, device="cpu", oper
     for got, ref in ((gx, ref_gx), (gy, ref_gy)):
         err = np.abs(got - ref).max() / np.abs(ref).max()
         assert err <= grad_tol, (err, grad_tol)
+
+
+def assert_confident_matches_oracle(form, impl, device="cpu"):
+    """Late in training the views of an image match confidently: P(positive) ~ 1 - 1e-3, loss ~ 1e-3 to 1e-2.
+
+    Then the gradient is scale * (1 - P_pos)-sized, and an impl that rounds P_pos (~1) or the positive's
+    logit (~1/T) to 16 bits loses it to that rounding (the error is ~scale * u whatever the gradient's size).
+    Held to the operand-rounding tolerances, relative to the small gradient; and the loss relatively: each
+    anchor's loss softplus(lse_neg - pos) moves by at most itself times the error of its logits (sigmoid <=
+    softplus), 4 sigma of the bf16 operand rounding.
+    """
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(37, 64, generator=g)
+    y = x + 0.05 * torch.randn(37, 64, generator=g)
+    queue = torch.randn(101, 64, generator=g).bfloat16() if form == "info_nce_queue" else None
+    x, y, t = x.bfloat16(), y.bfloat16(), 0.1
+    loss, gx, gy = run_impl(form, x, y, queue, t, impl, device)
+    ref_loss, ref_gx, ref_gy = oracle(form, x, y, queue, t)
+    loss_tol, grad_tol = tolerances("bfloat16", 64, t, operands_rounded=True)
+    sigma = UNIT_ROUNDOFF["bfloat16"] / t * np.sqrt(2.0 / (3.0 * 64))
+    assert ref_loss < 0.02  # the regime this test is about
+    assert abs(loss - ref_loss) <= ref_loss * 4 * sigma + 2 * 64 * U32 / t, (loss, ref_loss)
+    for got, ref in ((gx, ref_gx), (gy, ref_gy)):
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        assert err <= grad_tol, (err, grad_tol)

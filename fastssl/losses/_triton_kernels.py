@@ -4,6 +4,8 @@ Each program owns one block of rows and keeps a whole feature row (BLOCK_D >= D)
 other side is split in SPLIT_LEN-long pieces, one per program_id(1) (flash-decoding): each program writes its own
 partial result (a log-sum-exp, or a gradient sum) to its slice of the output, and the caller reduces the slices.
 One row block alone has too little work to keep a GPU's SMs busy at the N a contrastive loss sees.
+A row's own column (HAS_SELF: row + self_offset) and its positive's (HAS_POS: POS[row]) are masked out; the
+caller adds the positive's term in fp32.
 """
 
 import triton
@@ -11,7 +13,8 @@ import triton.language as tl
 
 
 @triton.jit
-def lse_kernel(A, C, LSE, M, N, D, scale, self_offset, SPLIT_LEN, HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr,
+def lse_kernel(A, C, POS, LSE, M, N, D, scale, self_offset, SPLIT_LEN, HAS_SELF: tl.constexpr,
+               HAS_POS: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
                PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -23,6 +26,8 @@ def lse_kernel(A, C, LSE, M, N, D, scale, self_offset, SPLIT_LEN, HAS_SELF: tl.c
                 mask=(rows[:, None] < M) & (dims[None, :] < D), other=0.0)
     if UPCAST:
         a = a.to(tl.float32)
+    if HAS_POS:
+        pos_col = tl.load(POS + rows, mask=rows < M, other=-1)
     # A finite start: a tile whose entries are all masked (-inf) then gives exp(-inf) = 0, never inf - inf.
     run_max = tl.full([BLOCK_M], -1e30, tl.float32)
     run_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -36,6 +41,8 @@ def lse_kernel(A, C, LSE, M, N, D, scale, self_offset, SPLIT_LEN, HAS_SELF: tl.c
         keep = cols[None, :] < end
         if HAS_SELF:
             keep = keep & (cols[None, :] != rows[:, None] + self_offset)
+        if HAS_POS:
+            keep = keep & (cols[None, :] != pos_col[:, None])
         s = tl.where(keep, s, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(s, 1))
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), 1)
@@ -45,7 +52,8 @@ def lse_kernel(A, C, LSE, M, N, D, scale, self_offset, SPLIT_LEN, HAS_SELF: tl.c
 
 
 @triton.jit
-def grad_anchor_kernel(A, C, LSE, W, DA, M, N, D, scale, self_offset, SPLIT_LEN, HAS_SELF: tl.constexpr,
+def grad_anchor_kernel(A, C, POS, LSE, W, DA, M, N, D, scale, self_offset, SPLIT_LEN, HAS_SELF: tl.constexpr,
+                       HAS_POS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -57,6 +65,8 @@ def grad_anchor_kernel(A, C, LSE, W, DA, M, N, D, scale, self_offset, SPLIT_LEN,
                 mask=(rows[:, None] < M) & (dims[None, :] < D), other=0.0)
     if UPCAST:
         a = a.to(tl.float32)
+    if HAS_POS:
+        pos_col = tl.load(POS + rows, mask=rows < M, other=-1)
     lse = tl.load(LSE + rows, mask=rows < M, other=0.0)
     weight = tl.load(W + rows, mask=rows < M, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -70,6 +80,8 @@ def grad_anchor_kernel(A, C, LSE, W, DA, M, N, D, scale, self_offset, SPLIT_LEN,
         keep = cols[None, :] < end
         if HAS_SELF:
             keep = keep & (cols[None, :] != rows[:, None] + self_offset)
+        if HAS_POS:
+            keep = keep & (cols[None, :] != pos_col[:, None])
         p = tl.where(keep, tl.exp(s - lse[:, None]) * weight[:, None], 0.0)
         p = p.to(C.dtype.element_ty)
         if UPCAST:
@@ -81,7 +93,8 @@ def grad_anchor_kernel(A, C, LSE, W, DA, M, N, D, scale, self_offset, SPLIT_LEN,
 
 
 @triton.jit
-def grad_candidate_kernel(A, C, LSE, W, DC, M, N, D, scale, self_offset, SPLIT_LEN, HAS_SELF: tl.constexpr,
+def grad_candidate_kernel(A, C, POS, LSE, W, DC, M, N, D, scale, self_offset, SPLIT_LEN,
+                          HAS_SELF: tl.constexpr, HAS_POS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -106,6 +119,8 @@ def grad_candidate_kernel(A, C, LSE, W, DC, M, N, D, scale, self_offset, SPLIT_L
         keep = rows[None, :] < end
         if HAS_SELF:
             keep = keep & (cols[:, None] != rows[None, :] + self_offset)
+        if HAS_POS:
+            keep = keep & (cols[:, None] != tl.load(POS + rows, mask=rows < end, other=-1)[None, :])
         p_t = tl.where(keep, tl.exp(s_t - lse[None, :]) * weight[None, :], 0.0)
         p_t = p_t.to(A.dtype.element_ty)
         if UPCAST:

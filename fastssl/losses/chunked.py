@@ -19,35 +19,40 @@ def _block_rows(m: int, c: int) -> int:
 
 
 def _similarities(a: torch.Tensor, c: torch.Tensor, scale: float, self_offset: int | None,
-                  start: int) -> torch.Tensor:
+                  positive_index: torch.Tensor | None, start: int) -> torch.Tensor:
+    """Rows [start, start + len(a)) of the similarities with each row's self and positive columns at -inf."""
     s = (a @ c.t()).mul_(scale)
+    rows = torch.arange(a.shape[0], device=a.device)
     if self_offset is not None:
-        rows = torch.arange(a.shape[0], device=a.device)
         s[rows, rows + (start + self_offset)] = float("-inf")
+    if positive_index is not None:
+        s[rows, positive_index[start:start + a.shape[0]]] = float("-inf")
     return s
 
 
 def row_lse(a: torch.Tensor, c: torch.Tensor, scale: float, self_offset: int | None,
-            dtype: torch.dtype) -> torch.Tensor:
+            positive_index: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     m = a.shape[0]
     step = _block_rows(m, c.shape[0])
     lse = torch.empty(m, device=a.device, dtype=torch.float32)
     for start in range(0, m, step):
         block = a[start:start + step]
-        lse[start:start + step] = torch.logsumexp(_similarities(block, c, scale, self_offset, start), dim=1)
+        # Inline, so that this block's similarities are freed before the next block's are made.
+        lse[start:start + step] = torch.logsumexp(
+            _similarities(block, c, scale, self_offset, positive_index, start), dim=1)
     return lse
 
 
 def row_lse_backward(a: torch.Tensor, c: torch.Tensor, scale: float, self_offset: int | None,
-                     dtype: torch.dtype, lse: torch.Tensor, weight: torch.Tensor,
-                     need_dc: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     positive_index: torch.Tensor | None, dtype: torch.dtype, lse: torch.Tensor,
+                     weight: torch.Tensor, need_dc: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     m = a.shape[0]
     step = _block_rows(m, c.shape[0])
     da = torch.empty_like(a)
     dc = torch.zeros_like(c) if need_dc else None
     for start in range(0, m, step):
         block = a[start:start + step]
-        p = _similarities(block, c, scale, self_offset, start)
+        p = _similarities(block, c, scale, self_offset, positive_index, start)
         # In place: the softmax-times-weight block replaces the similarities, no second buffer.
         p.sub_(lse[start:start + step, None]).exp_().mul_(weight[start:start + step, None])
         torch.mm(p, c, out=da[start:start + step])

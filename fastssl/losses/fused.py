@@ -6,10 +6,14 @@ extra matmul instead of an N x N buffer). L2 normalisation and the temperature a
 saved tensors are the raw inputs and nothing normalised is kept alive between forward and backward.
 
 The tile work is delegated to a backend (chunked.py in plain torch, triton_infonce.py in Triton) with two
-functions over normalised fp32 rows a (M, D), c (C, D), s_ij = scale * <a_i, c_j>, self column excluded:
-    row_lse(a, c, scale, self_offset, dtype)                 -> lse_i = log sum_j exp(s_ij)        (M,)
-    row_lse_backward(a, c, scale, self_offset, dtype, lse, w, need_dc)
+functions over normalised fp32 rows a (M, D), c (C, D), s_ij = scale * <a_i, c_j>, where j runs over the
+negatives only (the self column i + self_offset and the positive column positive_index[i] are excluded):
+    row_lse(a, c, scale, self_offset, positive_index, dtype)   -> lse_i = log sum_j exp(s_ij)      (M,)
+    row_lse_backward(a, c, scale, self_offset, positive_index, dtype, lse, w, need_dc)
         -> (scale * sum_j P_ij c_j, scale * sum_i P_ij a_i or None),  P_ij = w_i exp(s_ij - lse_i)
+The positive's logit is joined here, in fp32: loss_i = softplus(lse_i - pos_i). Inside a 16-bit tile its
+softmax weight 1 - eps would round to 1 and the gradient term (P_pos - 1) drown in that rounding as soon as
+training matches views confidently; outside, its weight 1 - P_pos = sigmoid(lse_i - pos_i) is exact.
 `dtype` is the operand dtype: the input dtype, or the autocast dtype for fp32 inputs under autocast; a backend may run
 its matmuls in it (bf16/fp16) with fp32 accumulation.
 """
@@ -17,6 +21,7 @@ its matmuls in it (bf16/fp16) with fp32 accumulation.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from fastssl.losses._common import Contrast
 
@@ -50,14 +55,12 @@ class _FusedContrastive(torch.autograd.Function):
             scale = 1.0 / temperature
             a, _ = _unit(anchors)
             c = a if candidates is anchors else _unit(candidates)[0]
-            lse = backend.row_lse(a, c, scale, self_offset, op_dtype)
+            lse = backend.row_lse(a, c, scale, self_offset, positive_index, op_dtype)  # negatives only
             positive = c[positive_index] if positive_index is not None else _unit(extra_positive)[0]
             pos = scale * (a * positive).sum(1)
-            if positive_index is not None:
-                per_anchor = lse - pos  # the positive is one of the candidates, already inside lse
-            else:
-                per_anchor = torch.logaddexp(lse, pos) - pos  # MoCo v2: [l_pos, l_neg] in one softmax
-            loss = per_anchor.mean()
+            # log(exp(pos) + sum_neg exp) - pos without cancellation: a confident anchor's loss ~1e-5 is not
+            # the difference of two logits ~1/T.
+            loss = F.softplus(lse - pos).mean()
         ctx.save_for_backward(anchors, candidates, extra_positive, positive_index, lse, pos)
         ctx.scale, ctx.self_offset, ctx.backend, ctx.op_dtype = scale, self_offset, backend, op_dtype
         # SimCLR on one process: anchors and candidates are the same tensor. Their gradients are then summed
@@ -77,13 +80,16 @@ class _FusedContrastive(torch.autograd.Function):
             # softmax block it would underflow fp16 (P ~ 1/M * softmax) before the second matmul.
             unit = grad_loss.float() / m
             if positive_index is not None:
-                w_lse = torch.ones_like(lse)  # d(lse_i - pos_i)/dlse_i
                 positive = c[positive_index]
             else:
-                # d/dlse of logaddexp(lse, pos) - pos is sigmoid(lse - pos) = 1 - softmax weight of l_pos.
-                w_lse = torch.sigmoid(lse - pos)
                 positive, p_norm = _unit(extra_positive)
-            da, dc = ctx.backend.row_lse_backward(a, c, scale, ctx.self_offset, ctx.op_dtype, lse, w_lse, need_c)
+            # d softplus(lse - pos) / dlse = sigmoid(lse - pos) = 1 - softmax weight of the positive.
+            w_lse = torch.sigmoid(lse - pos)
+            # An anchor with no negatives at all (a batch of one) has lse = -inf: a finite floor keeps the
+            # backends' exp(s - lse) of its masked (-inf) entries at 0 instead of exp(nan).
+            lse = lse.clamp_min(torch.finfo(torch.float32).min)
+            da, dc = ctx.backend.row_lse_backward(a, c, scale, ctx.self_offset, positive_index, ctx.op_dtype, lse,
+                                                  w_lse, need_c)
             pull = (-scale * w_lse)[:, None]  # d loss_i / d pos_i, times d pos_i / d(a_i . positive_i)
             grads = [None] * 7
             d_anchor = da.addcmul_(pull, positive)

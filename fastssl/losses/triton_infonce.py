@@ -65,15 +65,15 @@ def _operand_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
-def _launch_args(d: int, self_offset: int | None, dtype: torch.dtype) -> dict:
+def _launch_args(d: int, self_offset: int | None, positive_index: torch.Tensor | None, dtype: torch.dtype) -> dict:
     block_d = max(16, triton.next_power_of_2(d))
     row_bytes = block_d * torch.finfo(dtype).bits // 8
     # Shared memory per program ~ one resident tile + num_stages streamed tiles: 64-row tiles up to 512 B per
     # row (bf16 D=256, fp32 D=128: 32 + 2 x 32 KiB), 32-row tiles beyond (fp32 D=256: the same 96 KiB), well
     # under an H100's 227 KiB. Chosen on paper, not yet tuned on a GPU.
     block = 64 if row_bytes <= 512 else 32
-    return dict(HAS_SELF=self_offset is not None, BLOCK_M=block, BLOCK_N=block,
-                BLOCK_D=block_d, UPCAST=_interpreting() and dtype != torch.float32,
+    return dict(HAS_SELF=self_offset is not None, HAS_POS=positive_index is not None, BLOCK_M=block,
+                BLOCK_N=block, BLOCK_D=block_d, UPCAST=_interpreting() and dtype != torch.float32,
                 PRECISION=dot_precision(dtype), num_warps=4 if block_d <= 128 else 8, num_stages=2)
 
 
@@ -95,34 +95,41 @@ def _split_len(blocks: int, walk: int, tile: int, device: torch.device) -> int:
     return triton.cdiv(tiles, splits) * tile
 
 
+def _positive_columns(positive_index: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    # An unused pointer still needs a tensor: HAS_POS=False compiles the loads away.
+    return like.new_zeros(1, dtype=torch.int64) if positive_index is None else positive_index.contiguous()
+
+
 def row_lse(a: torch.Tensor, c: torch.Tensor, scale: float, self_offset: int | None,
-            dtype: torch.dtype) -> torch.Tensor:
+            positive_index: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     op = _operand_dtype(dtype)
     a, c = a.to(op).contiguous(), c.to(op).contiguous()
     (m, d), n = a.shape, c.shape[0]
-    args = _launch_args(d, self_offset, op)
+    args = _launch_args(d, self_offset, positive_index, op)
     blocks = triton.cdiv(m, args["BLOCK_M"])
     split_len = _split_len(blocks, n, args["BLOCK_N"], a.device)
     splits = triton.cdiv(n, split_len)
     lse = torch.empty(splits, m, device=a.device, dtype=torch.float32)
-    kernels.lse_kernel[(blocks, splits)](a, c, lse, m, n, d, scale, self_offset or 0, split_len, **args)
+    kernels.lse_kernel[(blocks, splits)](a, c, _positive_columns(positive_index, a), lse, m, n, d, scale,
+                                         self_offset or 0, split_len, **args)
     return lse[0] if splits == 1 else torch.logsumexp(lse, dim=0)
 
 
 def row_lse_backward(a: torch.Tensor, c: torch.Tensor, scale: float, self_offset: int | None,
-                     dtype: torch.dtype, lse: torch.Tensor, weight: torch.Tensor,
-                     need_dc: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     positive_index: torch.Tensor | None, dtype: torch.dtype, lse: torch.Tensor,
+                     weight: torch.Tensor, need_dc: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     op = _operand_dtype(dtype)
     a, c = a.to(op).contiguous(), c.to(op).contiguous()
     lse, weight = lse.contiguous(), weight.float().contiguous()
     (m, d), n = a.shape, c.shape[0]
-    args = _launch_args(d, self_offset, op)
+    args = _launch_args(d, self_offset, positive_index, op)
+    tensors = (a, c, _positive_columns(positive_index, a), lse, weight)
     da = _split_sum(kernels.grad_anchor_kernel, triton.cdiv(m, args["BLOCK_M"]), n, args["BLOCK_N"], m, d,
-                    (a, c, lse, weight), (m, n, d, scale, self_offset or 0), args)
+                    tensors, (m, n, d, scale, self_offset or 0), args)
     dc = None
     if need_dc:
         dc = _split_sum(kernels.grad_candidate_kernel, triton.cdiv(n, args["BLOCK_N"]), m, args["BLOCK_M"], n, d,
-                        (a, c, lse, weight), (m, n, d, scale, self_offset or 0), args)
+                        tensors, (m, n, d, scale, self_offset or 0), args)
     return da, dc
 
 
