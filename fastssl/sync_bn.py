@@ -4,7 +4,7 @@ SimCLR (sec. 3, "Global BN") and MoCo v3 normalise with statistics of the whole 
 device's BN can leak which samples share a device and the contrastive task gets a shortcut. On CUDA,
 torch.nn.SyncBatchNorm does it with fused kernels; it refuses CPU tensors, so on CPU (the 2-process gloo tests
 and CPU clusters) `GlobalBatchNorm` does the same maths with a differentiable all_reduce of the per-process
-sums. On one process both are plain BatchNorm.
+sums (and of the squared deviations). On one process both are plain BatchNorm.
 """
 
 from __future__ import annotations
@@ -44,15 +44,20 @@ class GlobalBatchNorm(nn.BatchNorm1d):
                                 self.training or not self.track_running_stats, self.momentum or 0.0, self.eps)
         from torch.distributed.nn.functional import all_reduce  # carries gradients back to every rank
 
+        group = GlobalBatchNorm.group or dist.group.WORLD
         dims = [0] + list(range(2, x.dim()))
         xf = x.float()
-        local = torch.cat([xf.sum(dims), (xf * xf).sum(dims),
-                           torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)])
-        total = all_reduce(local, group=GlobalBatchNorm.group or dist.group.WORLD)
         c = x.shape[1]
+        shape = [1, c] + [1] * (x.dim() - 2)
+        local = torch.cat([xf.sum(dims), torch.tensor([x.numel() / c], device=x.device, dtype=torch.float32)])
+        total = all_reduce(local, group=group)
         count = total[-1]
         mean = total[:c] / count
-        var = total[c:2 * c] / count - mean * mean  # biased, as BN normalises with
+        # Two passes, not E[x^2] - mean^2 from one reduction: that difference cancels catastrophically in fp32
+        # when a channel's mean is large against its spread (mean 1000, std 1: outputs off by 0.1; 3000: by
+        # 1e3). One more all_reduce of C floats.
+        centred = xf - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims), group=group) / count  # biased, as BN normalises with
         if self.track_running_stats:
             with torch.no_grad():
                 m = self.momentum if self.momentum is not None else 0.1
@@ -60,8 +65,7 @@ class GlobalBatchNorm(nn.BatchNorm1d):
                 unbiased = var.detach() * count / (count - 1).clamp_min(1)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
                 self.num_batches_tracked.add_(1)
-        shape = [1, c] + [1] * (x.dim() - 2)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
