@@ -116,8 +116,15 @@ class ShardSource:
                 if s.shard[i] != current:
                     if fd >= 0:
                         os.close(fd)
+                        # If the next open fails, `finally` must not close this number again: by then another
+                        # thread's file may have it.
+                        fd = -1
                     current = s.shard[i]
-                    fd = os.open(s.tars[current], os.O_RDONLY)
+                    try:
+                        fd = os.open(s.tars[current], os.O_RDONLY)
+                    except OSError as e:
+                        raise UserError(f"shard {s.tars[current]} cannot be opened ({e.strerror}); expected the "
+                                        f"files tools/convert_dali.py wrote: convert again") from None
                 data = os.pread(fd, int(s.size[i]), int(s.offset[i]))
                 if len(data) != s.size[i]:
                     raise UserError(f"{s.tars[current]} ends before the sample at byte {s.offset[i]}; "

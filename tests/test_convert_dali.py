@@ -162,6 +162,9 @@ def test_a_killed_conversion_is_refused_by_the_loader(tmp_path):
     ("truncate_tar", "truncated or replaced"),
     ("short_index", "does not match the manifest"),
     ("drop_samples", "samples.npy is missing"),
+    ("truncate_samples", "samples.npy does not match the SHA-256"),
+    ("garble_index", "without a leading 'jpg OFFSET SIZE'"),
+    ("drop_classes", "lacks a field"),
 ])
 def test_damaged_shard_directories_give_clear_errors(tmp_path, damage, message):
     _folder(tmp_path / "src")
@@ -179,11 +182,40 @@ def test_damaged_shard_directories_give_clear_errors(tmp_path, damage, message):
     elif damage == "short_index":
         lines = (out / "shard-000000.idx").read_text().splitlines()
         (out / "shard-000000.idx").write_text("\n".join(lines[:-1]) + "\n")
+    elif damage == "truncate_samples":
+        (out / "samples.npy").write_bytes((out / "samples.npy").read_bytes()[:100])
+    elif damage == "garble_index":
+        idx = out / "shard-000000.idx"
+        lines = idx.read_text().splitlines()
+        lines[1] = lines[1].replace("jpg ", "jpg x", 1)
+        idx.write_text("\n".join(lines) + "\n")
+    elif damage == "drop_classes":
+        m = json.loads((out / "manifest.json").read_text())
+        del m["classes"]  # outside the checksum, which covers the file lists
+        (out / "manifest.json").write_text(json.dumps(m))
     else:
         (out / "samples.npy").unlink()
     with pytest.raises(UserError, match=message) as e:
         open_shards(out)
     assert "\n" not in str(e.value)
+
+
+def test_a_shard_gone_after_opening_is_named_and_no_descriptor_is_closed_twice(tmp_path, monkeypatch):
+    import os
+
+    from pipelines.dali_sources import ShardSource
+
+    _folder(tmp_path / "src")
+    convert_image_folder(tmp_path / "src", tmp_path / "out", shard_size=4)
+    source = ShardSource(str(tmp_path / "out"))
+    (tmp_path / "out" / "shard-000001.tar").unlink()  # e.g. a dataset folder cleaned up under a running job
+    closed, real_close = [], os.close
+    monkeypatch.setattr(os, "close", lambda fd: (closed.append(fd), real_close(fd))[1])
+    with pytest.raises(UserError, match=r"shard .*shard-000001.tar cannot be opened \(No such file") as e:
+        source.read(np.arange(len(source)))
+    assert "\n" not in str(e.value)
+    # Shard 0 was open and closed once; closing its number again could close another thread's file.
+    assert len(closed) == 1
 
 
 def test_verify_detects_a_changed_byte(tmp_path):

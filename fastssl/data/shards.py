@@ -232,6 +232,14 @@ def _load_manifest(root: Path) -> dict:
     if m.get("checksum") != _checksum({"shards": m.get("shards"), "samples": m.get("samples")}):
         raise UserError(f"{root / MANIFEST} checksum does not match its shard list (edited or damaged); "
                         f"convert again with tools/convert_dali.py")
+    # The checksum covers the file lists; the fields beside them are checked for shape (a hand edit, a merge).
+    shard_keys = {"tar", "index", "num_samples", "bytes", "sha256"}
+    if (not isinstance(m.get("classes"), list) or not all(isinstance(c, str) for c in m["classes"])
+            or not isinstance(m.get("num_samples"), int) or not isinstance(m.get("shards"), list)
+            or not all(isinstance(e, dict) and shard_keys <= e.keys() for e in m["shards"])
+            or not isinstance(m.get("samples"), dict) or not {"file", "sha256"} <= m["samples"].keys()):
+        raise UserError(f"{root / MANIFEST} lacks a field or has one of the wrong type (expected classes, "
+                        f"num_samples, shards and samples as tools/convert_dali.py writes them); convert again")
     return m
 
 
@@ -242,8 +250,8 @@ def _parse_index(path: Path, expected: int, tar_bytes: int) -> tuple[np.ndarray,
         raise UserError(f"index file {path} does not match the manifest (expected {_INDEX_VERSION} with "
                         f"{expected} samples); convert again with tools/convert_dali.py")
     fields = [ln.split() for ln in lines[1:]]
-    if any(len(f) < 4 or f[0] != "jpg" for f in fields):
-        raise UserError(f"index file {path} has a line without a leading jpg entry; convert again")
+    if any(len(f) < 4 or f[0] != "jpg" or not (f[1].isdigit() and f[2].isdigit()) for f in fields):
+        raise UserError(f"index file {path} has a line without a leading 'jpg OFFSET SIZE' entry; convert again")
     offset = np.array([int(f[1]) for f in fields], dtype=np.int64)
     size = np.array([int(f[2]) for f in fields], dtype=np.int64)
     if len(offset) and (offset.min() < 0 or (offset + size).max() > tar_bytes):
@@ -270,10 +278,18 @@ def open_shards(path: str | os.PathLike) -> ShardSet:
         shard.append(np.full(len(o), k, dtype=np.int64))
         offsets.append(o)
         sizes.append(z)
-    meta = np.load(root / SAMPLES) if (root / SAMPLES).is_file() else None
-    if meta is None or meta.shape != (m["num_samples"], 3) or sum(map(len, offsets)) != m["num_samples"]:
-        raise UserError(f"{root / SAMPLES} is missing or does not hold the manifest's {m['num_samples']} samples; "
+    samples = root / SAMPLES
+    if not samples.is_file():
+        raise UserError(f"{samples} is missing; convert again with tools/convert_dali.py")
+    # N x 24 bytes: hashing it on every open is cheap, and a damaged table would mislabel samples silently.
+    if _sha256(samples) != m["samples"]["sha256"]:
+        raise UserError(f"{samples} does not match the SHA-256 in {root / MANIFEST} (damaged or replaced); "
                         f"convert again with tools/convert_dali.py")
+    meta = np.load(samples)
+    if (meta.shape != (m["num_samples"], 3) or meta.dtype != np.int64 or sum(map(len, offsets)) != m["num_samples"]
+            or (len(meta) and not 0 <= meta[:, 0].min() <= meta[:, 0].max() < len(m["classes"]))):
+        raise UserError(f"{samples} does not hold the manifest's {m['num_samples']} samples of "
+                        f"{len(m['classes'])} classes; convert again with tools/convert_dali.py")
     return ShardSet(root, tuple(m["classes"]), tuple(tars), meta[:, 0].copy(), meta[:, 1].copy(),
                     meta[:, 2].copy(), np.concatenate(shard), np.concatenate(offsets), np.concatenate(sizes))
 
