@@ -252,6 +252,14 @@ def test_unusable_beton_files_are_named(folder, tmp_path):
     os.truncate(cut, os.path.getsize(good) // 2)
     header_only = tmp_path / "tiny.beton"
     header_only.write_bytes(good.read_bytes()[:10])
+    # Cut inside the allocation table on an entry boundary (an interrupted copy): sizes still add up.
+    from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
+
+    short_table = tmp_path / "short_table.beton"
+    table_at = int(np.fromfile(good, dtype=HeaderType, count=1)[0]["alloc_table_ptr"])
+    short_table.write_bytes(good.read_bytes()[:table_at + 5 * ALLOC_TABLE_TYPE.itemsize])
+    with pytest.raises(UserError, match=r"short_table.beton is truncated or damaged: .* lists 5 of its 12 samples"):
+        describe(short_table)
     for path in (cut, header_only, tmp_path / "none.beton"):
         with pytest.raises(UserError, match=str(path)):
             describe(path)

@@ -227,6 +227,11 @@ def open_beton(path):
     table = reader.alloc_table
     if num_samples == 0 or len(table) == 0 or int((table["ptr"] + table["size"]).max()) > table_at:
         raise UserError(f".beton file {p} is truncated or empty ({num_samples} samples, {size} bytes)")
+    # A cut inside the table on an entry boundary passes the size check above; the samples it lost would be
+    # looked up past the table's end by compiled (unchecked) code and decode some other sample's bytes.
+    if not np.array_equal(np.unique(table["sample_id"]), np.arange(num_samples)):
+        raise UserError(f".beton file {p} is truncated or damaged: its allocation table lists "
+                        f"{len(np.unique(table['sample_id']))} of its {num_samples} samples")
     return reader
 
 
