@@ -85,9 +85,11 @@ class EvalLoader:
         self.device, self.mean, self.std = device, mean, std
         n = len(index)
         self._batches = [np.arange(s, min(s + batch_size, n), dtype=np.int64) for s in range(0, n, batch_size)]
+        # Its own generator: the kNN monitor runs between training steps, and a draw from torch's global one
+        # (each iterator's worker seed) would change the model's later random draws.
         self._loader = DataLoader(_CentreCrops(index, image_size), sampler=self._batches, batch_size=None,
                                   collate_fn=_as_is, num_workers=workers, pin_memory=device.type == "cuda",
-                                  worker_init_fn=ignore_in_workers)
+                                  worker_init_fn=ignore_in_workers, generator=torch.Generator())
 
     def __len__(self) -> int:
         return len(self._batches)

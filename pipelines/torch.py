@@ -129,11 +129,14 @@ class TorchViewLoader:
         self._requests = _BatchRequests(len(index), global_batch, ctx, drop_last)
         self._steps = steps_per_epoch(len(index), global_batch, drop_last)
         # Persistent workers keep their decoders warm between epochs; the sampler lives in this process,
-        # so set_epoch takes effect without restarting them.
+        # so set_epoch takes effect without restarting them. A generator of its own: without one, every
+        # iterator the loader starts draws its workers' base seed from torch's global generator, and a resumed
+        # run (which starts one at another step) would put the model's draws -- MoCo v2's shuffle-BN order,
+        # drop-path -- out of step with the uninterrupted run. (Views are seeded per batch, not from it.)
         self._loader = DataLoader(_ViewRegions(index, spec, ctx.seed, ctx.process_index), sampler=self._requests,
                                   batch_size=None, collate_fn=_as_is, num_workers=workers,
                                   pin_memory=aug_device.type == "cuda", persistent_workers=workers > 0,
-                                  worker_init_fn=ignore_in_workers)
+                                  worker_init_fn=ignore_in_workers, generator=torch.Generator().manual_seed(ctx.seed))
 
     def __len__(self) -> int:
         return self._steps

@@ -248,3 +248,16 @@ def test_eval_loader_equals_torchvision_resize_centre_crop(folder):
     ref = torch.stack([tv(Image.open(p).convert("RGB")) for p, _ in index.samples])
     # Same PIL resize and crop offsets; only the float arithmetic of normalising differs (1e-6 at 1/std 4.4).
     torch.testing.assert_close(images, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loaders_leave_torchs_global_generator_alone(folder, workers):
+    # The model draws from it (MoCo v2's shuffle-BN order, drop-path): a loader that takes a draw when an
+    # iterator starts -- at another step in a resumed run, or for the kNN monitor between steps -- would put
+    # those draws out of step with the uninterrupted run.
+    train = loader_for(folder, workers=workers)
+    evaluation = torch_backend.build_eval_loader(folder, 32, 6, workers, "cpu", (0.5,) * 3, (0.25,) * 3)
+    before = torch.get_rng_state()
+    for loader in (train, evaluation, train):
+        next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), before)
