@@ -38,13 +38,20 @@ class TrainState:
 
     step: int = 0
     world_size: int = 1  # of the run that saved; a resume on another world size keeps the global batch
+    # The schedule's shape as the run that saved saw it (0: a checkpoint from before they were recorded). A
+    # dataset that grew or shrank under the same path changes both, and with them the lr and the data order.
+    steps_per_epoch: int = 0
+    total_steps: int = 0
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "world_size": self.world_size}
+        return {"step": self.step, "world_size": self.world_size, "steps_per_epoch": self.steps_per_epoch,
+                "total_steps": self.total_steps}
 
     def load_state_dict(self, d: dict) -> None:
         self.step = int(d["step"])
         self.world_size = int(d.get("world_size", 1))
+        self.steps_per_epoch = int(d.get("steps_per_epoch", 0))
+        self.total_steps = int(d.get("total_steps", 0))
 
 
 def _knn_sets(cfg: Config):
@@ -190,11 +197,16 @@ def train(cfg: Config) -> dict:
             failure = (f"cannot resume from {str(checkpoint)!r} ({why}); its files are incomplete or corrupt: "
                        f"remove that step folder to resume from the one before")
     raise_together(accelerator, failure)  # one rank's unreadable file stops every rank, none waits
+    if resuming and state.steps_per_epoch and (state.steps_per_epoch, state.total_steps) != (steps_per_epoch, total):
+        raise UserError(f"resume={str(run_dir)!r}: the data now gives {steps_per_epoch} steps per epoch "
+                        f"({total} in all) where the run had {state.steps_per_epoch} ({state.total_steps}): "
+                        f"data.path {cfg.data.path!r} changed, and with it the lr schedule and the data order; "
+                        f"resume with the data the run started with, or start a new run")
     if main and resuming and state.world_size != world:
         print(f"resuming a run saved on {state.world_size} process(es) on {world}: same global batch "
               f"{cfg.data.batch_size}, so the same images in each step and the same loss over them; the "
               f"random views and per-process BN groups are drawn per process, so they differ", flush=True)
-    state.world_size = world
+    state.world_size, state.steps_per_epoch, state.total_steps = world, steps_per_epoch, total
     stop_at = cfg.train.stop_after_steps if 0 < cfg.train.stop_after_steps < total else total
     finished = resuming and state.step >= stop_at  # nothing to train (every rank loaded the same step)
     summary_file = run_dir / "summary.json"

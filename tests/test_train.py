@@ -248,6 +248,19 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again_in_place(tiny_da
         train(_cfg(tiny_data, out, "train.max_steps=2", "eval.knn_val_path="))
 
 
+def test_resuming_on_a_dataset_that_changed_size_is_refused(tiny_data, tmp_path):
+    # 40 images in batches of 8: 5 steps an epoch. 8 more make 6, which would move every later lr and batch.
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    extra = ["train.epochs=2", "train.max_steps=0", "eval.knn_val_path="]
+    train(_cfg(data, tmp_path / "run", *extra, "train.stop_after_steps=3"))
+    for i, src in enumerate(sorted((data / "train").rglob("*.jpg"))[:8]):
+        shutil.copy(src, src.with_name(f"extra{i}.jpg"))
+    with pytest.raises(UserError, match=r"the data now gives 6 steps per epoch \(12 in all\) where the run had "
+                                        r"5 \(10\)"):
+        train(_cfg(data, tmp_path / "run", *extra, f"resume={tmp_path / 'run'}"))
+
+
 def test_resuming_a_finished_run_changes_nothing(tiny_data, tmp_path):
     out = tmp_path / "run"
     first = train(_cfg(tiny_data, out, "train.max_steps=2", "eval.knn_val_path="))
