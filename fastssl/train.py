@@ -54,6 +54,25 @@ class TrainState:
         self.total_steps = int(d.get("total_steps", 0))
 
 
+def images_per_s(windows: list[tuple[int, float]]) -> float:
+    """All images over all seconds of the logging windows but the first, which pays worker start-up and
+    allocator warm-up. (Not the mean of the windows' rates: a slow window holds as many images as a fast one
+    and more of the time, so that mean overstates.)"""
+    timed = windows[1:] or windows
+    return float(sum(i for i, _ in timed) / sum(t for _, t in timed)) if timed else 0.0
+
+
+def logged_windows(records: list[dict], global_batch: int) -> list[tuple[int, float]]:
+    """(images, seconds) of each logging window, from metrics.jsonl's steps and rates."""
+    out, last = [], 0
+    for r in records:
+        if "images_per_s" in r and r["images_per_s"] > 0:
+            images = (r["step"] - last) * global_batch
+            out.append((images, images / r["images_per_s"]))
+            last = r["step"]
+    return out
+
+
 def _knn_sets(cfg: Config):
     """Scan the kNN folders up front: a wrong path fails before training, not after it."""
     if not cfg.eval.knn_val_path:
@@ -251,9 +270,10 @@ def train(cfg: Config) -> dict:
     def periodic_checkpoint_step() -> bool:
         return bool(cfg.train.checkpoint_every) and state.step % cfg.train.checkpoint_every == 0
 
+    first_step = state.step
     t_start = t_window = time.time()
     window_steps = 0
-    throughput = []
+    windows = []  # (images, seconds) of each logging window
     method.train()
     stop_signal = None
     with StopRequest() as stop_request, _say_where_on_interrupt(state, run_dir, world, main):
@@ -277,8 +297,8 @@ def train(cfg: Config) -> dict:
                     raise_together(accelerator, None if math.isfinite(loss) else
                                    f"loss is {loss} at step {state.step}; lower optim.lr or check the data")
                     now = time.time()
-                    ips = window_steps * cfg.data.batch_size / max(now - t_window, 1e-9)
-                    throughput.append(ips)
+                    windows.append((window_steps * cfg.data.batch_size, max(now - t_window, 1e-9)))
+                    ips = windows[-1][0] / windows[-1][1]
                     record = {"step": state.step, "epoch": epoch, "loss": loss, "lr": lr, "images_per_s": ips}
                     record.update({k: float(v) for k, v in out.logs.items()})
                     metrics.write(record)
@@ -312,11 +332,8 @@ def train(cfg: Config) -> dict:
         return {"stopped_at_step": state.step}
 
     if finished:  # resumed only for the final evaluation: the throughput is the logged one
-        throughput = [r["images_per_s"] for r in read_records(run_dir / "metrics.jsonl") if "images_per_s" in r]
-    # Skip the first logging window in the mean: it pays worker start-up and allocator warm-up.
-    summary = {"steps": state.step, "wall_s": round(wall, 1),
-               "images_per_s": float(sum(throughput[1:]) / max(1, len(throughput) - 1)) if len(throughput) > 1
-               else (throughput[0] if throughput else 0.0)}
+        windows = logged_windows(read_records(run_dir / "metrics.jsonl"), cfg.data.batch_size)
+    summary = {"steps": state.step, "wall_s": round(wall, 1), "images_per_s": images_per_s(windows)}
     # The other processes leave now rather than wait at a barrier while the main one evaluates: on ImageNet the
     # kNN bank is the whole train set, longer than a collective's timeout (10 min by default).
     accelerator.wait_for_everyone()
@@ -337,7 +354,14 @@ def train(cfg: Config) -> dict:
             base = knn_eval(rand.to(accelerator.device), *knn_sets, cfg.data.image_size, **kw)
             summary.update({"knn_top1_random_init": base["top1"], "knn_top5_random_init": base["top5"]})
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    lines = [f"trained {state.step} steps in {wall:.0f} s, {summary['images_per_s']:.1f} images/s"]
+    if finished:
+        done = f"{state.step} steps (trained before this resume), {summary['images_per_s']:.1f} images/s"
+    elif first_step:
+        done = (f"trained steps {first_step + 1}-{state.step} (resumed) in {wall:.0f} s, "
+                f"{summary['images_per_s']:.1f} images/s")
+    else:
+        done = f"trained {state.step} steps in {wall:.0f} s, {summary['images_per_s']:.1f} images/s"
+    lines = [done]
     if "knn_top1" in summary:
         lines.append(f"kNN top-1 (k={cfg.eval.knn_k}): {summary['knn_top1']:.2f}% trained"
                      + (f", {summary['knn_top1_random_init']:.2f}% random init"

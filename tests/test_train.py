@@ -67,8 +67,21 @@ def test_cli_run_writes_config_metrics_checkpoint_and_summary(tiny_data, tmp_pat
     assert latest_checkpoint(out).name == "step_00000004"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4
+    # Images over seconds of the logged windows after the first (one step of 8 images each), not their mean rate.
+    assert summary["images_per_s"] == pytest.approx(8 * 3 / sum(8 / r["images_per_s"] for r in rows[1:]), rel=1e-9)
     for key in ("knn_top1", "knn_top1_random_init"):
         assert 0.0 <= summary[key] <= 100.0
+
+
+def test_throughput_is_images_over_seconds_not_the_mean_of_window_rates():
+    from fastssl.train import images_per_s, logged_windows
+
+    # Windows of 8 images in 1 s (start-up, skipped), 1 s and 3 s: 16 images in 4 s. The mean of the two
+    # rates, (8 + 8/3) / 2, would say 5.33.
+    assert images_per_s([(8, 1.0), (8, 1.0), (8, 3.0)]) == pytest.approx(4.0)
+    assert images_per_s([(8, 2.0)]) == pytest.approx(4.0) and images_per_s([]) == 0.0
+    records = [{"step": 2, "images_per_s": 16.0}, {"step": 2, "knn_top1": 1.0}, {"step": 3, "images_per_s": 2.0}]
+    assert logged_windows(records, 8) == [(16, 1.0), (8, 4.0)]
 
 
 def test_only_the_main_process_shows_progress_even_on_a_terminal(monkeypatch):
