@@ -7,7 +7,7 @@ import json
 import math
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -242,7 +242,9 @@ def train(cfg: Config) -> dict:
     if main and not finished:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(run_dir / "config.yaml", dump_config(cfg))
+            # Without resume=: the saved recipe describes the run, and a new run started from it must not
+            # continue this one.
+            write_atomic(run_dir / "config.yaml", dump_config(replace(cfg, resume="")))
         except OSError as e:  # changed since check_creatable looked (full disk, removed, read-only)
             failure = f"output_dir {str(run_dir)!r} cannot be written: {e.strerror}"
     raise_together(accelerator, failure)

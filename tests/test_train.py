@@ -127,6 +127,8 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_data, tmp_p
     with open(tmp_path / "part/metrics.jsonl", "a") as f:
         f.write('{"step": 4, "loss": 1.0}\n{"step": 5, "lo')
     train(_cfg(tiny_data, tmp_path / "part", *extra, f"resume={tmp_path / 'part'}", recipe=recipe))
+    # The run's config.yaml describes the run, not how it was last launched: a new run made from it starts anew.
+    assert load_config(tmp_path / "part/config.yaml").resume == ""
     full, resumed = _state(tmp_path / "full"), _state(tmp_path / "part")
     assert full.keys() == resumed.keys()
     for k in full:
@@ -236,8 +238,23 @@ def test_run_dir_guards(tiny_data, tmp_path):
     with pytest.raises(UserError, match=r"different config \(optim.lr: 1.0 -> 0.5\)"):
         train(_cfg(tiny_data, out, "train.max_steps=2", "eval.knn_val_path=", "optim.lr=0.5", f"resume={out}"))
     with pytest.raises(UserError, match="not a fastssl run directory"):
-        train(_cfg(tiny_data, out, f"resume={tmp_path}"))
+        train(_cfg(tiny_data, tmp_path, f"resume={tmp_path}"))
+    # A new output_dir beside resume= (e.g. a run's config.yaml reused for a new run) must not extend the old run.
+    with pytest.raises(UserError, match=r"continues the run in that folder, but output_dir=.*new.* names another"):
+        train(_cfg(tiny_data, tmp_path / "new", "train.max_steps=2", "eval.knn_val_path=", f"resume={out}"))
+    assert not (tmp_path / "new").exists()
     assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"] == 1.0  # untouched
+
+
+def test_a_folder_with_someone_elses_config_yaml_is_not_taken_for_a_run(tiny_data, tmp_path):
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: precious\n")
+    (mine / "metrics.jsonl").write_text('{"x": 1}\n')
+    with pytest.raises(UserError, match=r"is not empty \(config.yaml, metrics.jsonl\) and holds no fastssl run"):
+        train(_cfg(tiny_data, mine, "train.max_steps=2", "eval.knn_val_path="))
+    assert (mine / "config.yaml").read_text() == "my: precious\n"
+    assert (mine / "metrics.jsonl").read_text() == '{"x": 1}\n'
 
 
 def test_a_run_stopped_before_its_first_checkpoint_starts_again_in_place(tiny_data, tmp_path, monkeypatch):
