@@ -44,6 +44,19 @@ def test_output_file_check_names_the_option_and_the_path(make, fragment, tmp_pat
     assert str(e.value).startswith(f"--json {str(path)!r}")
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_write_atomic_gives_the_permissions_open_would(tmp_path, umask, mode):
+    # The oracle: what a plain open() makes under the same umask (a shared run folder stays readable).
+    before = os.umask(umask)
+    try:
+        write_atomic(tmp_path / "config.yaml", "a: 1\n")
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(before)
+    assert (tmp_path / "config.yaml").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == mode
+
+
 def test_output_file_check_leaves_nothing_behind_and_allows_new_folders(tmp_path):
     assert check_output_file(tmp_path / "x.json", "--json") == tmp_path / "x.json"
     assert check_output_file(tmp_path / "new" / "deeper" / "x.json", "--json")  # write_atomic makes them
