@@ -34,7 +34,13 @@ def main(argv: list[str] | None = None) -> int:
         check_recipe(cfg)
         print(dump_config(cfg), end="")
         return 0
-    train(cfg)
+    summary = train(cfg)
+    if summary.get("signal"):
+        # Stopped by a cluster's signal: 128 + its number, as a process it had killed, so that `train && eval`
+        # does not go on to evaluate a part-trained encoder. (train.stop_after_steps, asked for, exits 0.)
+        import signal
+
+        return 128 + getattr(signal, summary["signal"], signal.SIGTERM)
     return 0
 
 
