@@ -226,6 +226,8 @@ def train(cfg: Config) -> dict:
               f"{cfg.data.batch_size}, so the same images in each step and the same loss over them; the "
               f"random views and per-process BN groups are drawn per process, so they differ", flush=True)
     state.world_size, state.steps_per_epoch, state.total_steps = world, steps_per_epoch, total
+    if resuming:
+        accelerator.unwrap_model(method).resume_at(state.step, total)  # e.g. MoCo v3's logged momentum
     stop_at = cfg.train.stop_after_steps if 0 < cfg.train.stop_after_steps < total else total
     finished = resuming and state.step >= stop_at  # nothing to train (every rank loaded the same step)
     summary_file = run_dir / "summary.json"

@@ -113,7 +113,10 @@ def _state(run_dir):
     # MoCo v2 draws its shuffle-BN order from torch's generator, which the resumed run must find in the same
     # state: a data loader that drew from it when its iterator started (once more on resume) put it out of step.
     (ROOT / "recipes/mocov2_resnet18_synthetic.yaml", ["method.queue_size=16", "data.workers=1"]),
-], ids=["simclr", "mocov2"])
+    # MoCo v3's momentum follows the step (its schedule lives outside the checkpoint): the first resumed step
+    # must log the uninterrupted run's value, not the schedule's start.
+    (ROOT / "recipes/mocov3_resnet18_synthetic.yaml", ["method.pred_hidden=64"]),
+], ids=["simclr", "mocov2", "mocov3"])
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_data, tmp_path, recipe, method_extra):
     # Oracle: the uninterrupted run. The schedule is a function of the step and the views of a batch are
     # seeded by (seed, epoch, step, rank), so stopping after 3 steps and resuming must change nothing.
@@ -133,8 +136,13 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_data, tmp_p
     assert full.keys() == resumed.keys()
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=1e-5, atol=1e-6, msg=k)
-    steps = [json.loads(x)["step"] for x in (tmp_path / "part/metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5]
+    records = {d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+               for d in ("full", "part")}
+    assert [r["step"] for r in records["part"]] == [1, 2, 3, 4, 5]
+    for a, b in zip(records["full"], records["part"]):
+        assert a.keys() == b.keys()
+        for k in a.keys() - {"images_per_s"}:
+            assert b[k] == pytest.approx(a[k], rel=1e-5), (a["step"], k)
 
 
 def test_weights_that_diverge_between_logged_losses_never_replace_a_good_checkpoint(tiny_data, tmp_path,

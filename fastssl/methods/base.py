@@ -39,6 +39,10 @@ class Method(nn.Module):
     def after_step(self, step: int, total_steps: int) -> None:
         pass
 
+    def resume_at(self, steps_done: int, total_steps: int) -> None:
+        """Schedule-driven state that is not in the checkpoint, as after_step(steps_done - 1) would leave it:
+        a resumed run continues from there."""
+
     def compiled_modules(self) -> list[nn.Module]:
         """The networks torch.compile wraps (model.compile): the trainable ones, not the EMA copies."""
         return [m for m in self.children() if any(p.requires_grad for p in m.parameters())]

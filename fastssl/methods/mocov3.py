@@ -76,9 +76,12 @@ class MoCoV3(Method):
     def after_step(self, step: int, total_steps: int) -> None:
         # The reference code sets m and updates the key encoder at the start of each iteration; after step
         # s that is iteration s + 1's value.
-        self.current_momentum = cosine_momentum(self.base_momentum, step + 1, total_steps)
+        self.resume_at(step + 1, total_steps)
         ema_update(self.key_encoder, self.encoder, self.current_momentum)
         ema_update(self.key_projector, self.projector, self.current_momentum)
+
+    def resume_at(self, steps_done: int, total_steps: int) -> None:
+        self.current_momentum = cosine_momentum(self.base_momentum, steps_done, total_steps)
 
 
 def validate(cfg) -> None:
