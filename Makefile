@@ -42,5 +42,6 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# Build outputs only: runs/ holds trained checkpoints, which no command here can make again in seconds.
 clean:
-	rm -rf $(VENV) runs $(DATA)
+	rm -rf $(VENV) $(DATA)
