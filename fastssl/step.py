@@ -104,3 +104,16 @@ def optimizer_step(method, optimizer, accelerator, batch: ViewBatch, grad_accum:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return out
+
+
+def step_logs(accelerator, out: LossOutput) -> dict[str, float]:
+    """A logged step's loss and the method's other values, each the mean over processes: a process's loss is
+    over its own anchors, and their mean is the global batch's loss (what one process on the whole batch
+    computes). One all-reduce of a few floats, and the logging step's host sync."""
+    tensors = {"loss": out.loss, **{k: v for k, v in out.logs.items() if torch.is_tensor(v)}}
+    values = torch.stack([v.detach().float().reshape(()) for v in tensors.values()])
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, reduction="mean")
+    logs = dict(zip(tensors, values.tolist()))
+    logs.update({k: float(v) for k, v in out.logs.items() if not torch.is_tensor(v)})
+    return logs

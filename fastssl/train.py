@@ -26,7 +26,7 @@ from fastssl.recipe_checks import check_recipe
 from fastssl.rundir import prepare_run_dir, stopped_before_first_checkpoint
 from fastssl.schedule import lr_at, scaled_lr
 from fastssl.step import (build_training_method, channels_last_views, compile_networks, make_accelerator,
-                          optimizer_step, resolve_compile)
+                          optimizer_step, resolve_compile, step_logs)
 
 from pipelines.augment import spec_for
 from pipelines.base import LoaderContext, build_loader
@@ -296,15 +296,16 @@ def train(cfg: Config) -> dict:
                 window_steps += 1
 
                 if state.step % cfg.train.log_every == 0 or state.step == stop_at:
-                    loss = out.loss.item()  # sync point: only on logging steps
-                    # Each rank's loss is over its own anchors: one rank's NaN stops every rank.
-                    raise_together(accelerator, None if math.isfinite(loss) else
-                                   f"loss is {loss} at step {state.step}; lower optim.lr or check the data")
+                    logs = step_logs(accelerator, out)  # sync point: only on logging steps
+                    # The mean over processes: one rank's NaN makes it NaN on every rank, and all stop.
+                    if not math.isfinite(logs["loss"]):
+                        raise UserError(f"loss is {logs['loss']} at step {state.step}; lower optim.lr or check "
+                                        f"the data")
                     now = time.time()
                     windows.append((window_steps * cfg.data.batch_size, max(now - t_window, 1e-9)))
                     ips = windows[-1][0] / windows[-1][1]
-                    record = {"step": state.step, "epoch": epoch, "loss": loss, "lr": lr, "images_per_s": ips}
-                    record.update({k: float(v) for k, v in out.logs.items()})
+                    record = {"step": state.step, "epoch": epoch, "loss": logs.pop("loss"), "lr": lr,
+                              "images_per_s": ips, **logs}
                     metrics.write(record)
                     progress.update(state.step, record)
                     t_window, window_steps = now, 0

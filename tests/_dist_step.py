@@ -23,7 +23,7 @@ def main(out: str, method_name: str, reduction: str = "ddp") -> None:
 
     from fastssl.config import load_config
     from fastssl.optim import build_optimizer
-    from fastssl.step import build_training_method, make_accelerator
+    from fastssl.step import build_training_method, make_accelerator, step_logs
     from pipelines.base import ViewBatch
 
     overrides = {
@@ -57,7 +57,7 @@ def main(out: str, method_name: str, reduction: str = "ddp") -> None:
                 p.grad /= w
     opt.step()
     acc.unwrap_model(method).after_step(0, 10)
-    loss = acc.reduce(out_.loss.detach(), reduction="mean")
+    loss = step_logs(acc, out_)["loss"]  # what the trainer logs
     if acc.is_main_process:
         state = {k: v.detach().clone() for k, v in acc.unwrap_model(method).state_dict().items()}
         torch.save({"loss": loss, "state": state, "world": w}, out)
