@@ -17,7 +17,7 @@ from fastssl.config import Config, config_to_dict, dump_config
 from fastssl.data.shards import is_shard_dir
 from fastssl.errors import UserError
 from fastssl.fileio import write_atomic
-from fastssl.eval.knn import paired_folders
+from fastssl.eval.knn import check_bank_size, paired_folders
 from fastssl.eval.monitor import KnnMonitor
 from fastssl.metrics import MetricsLog, Progress, read_records
 from fastssl.optim import build_optimizer
@@ -92,8 +92,10 @@ def _knn_sets(cfg: Config):
             what = "a DALI shard folder" if Path(train_path).is_dir() else "a file"
             raise UserError(f"data.path {train_path!r} is {what}, not an ImageFolder, and the kNN evaluation's "
                             f"memory bank defaults to it; set eval.knn_train_path to an ImageFolder")
-    return paired_folders(train_path, cfg.eval.knn_val_path, "eval.knn_train_path (or data.path)",
-                          "eval.knn_val_path")
+    train, val = paired_folders(train_path, cfg.eval.knn_val_path, "eval.knn_train_path (or data.path)",
+                                "eval.knn_val_path")
+    check_bank_size(cfg.eval.knn_k, train)  # now, not when the final evaluation refuses after training
+    return train, val
 
 
 def nonfinite_weights(method: torch.nn.Module, step: int) -> str | None:

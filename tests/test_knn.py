@@ -72,6 +72,34 @@ def test_knn_top5_with_twelve_classes_matches_numpy():
     assert 0 < want1 < want5 < 100  # neither figure is a trivial bound (measured 45.3 and 86.7)
 
 
+def test_a_class_without_votes_is_never_a_top5_hit():
+    # k=3 neighbours vote for at most 3 of 12 classes: the other 9 tie at 0, and counting whichever of them
+    # topk lists would add free top-5 hits. Oracle: a query is a top-5 hit exactly when its class got a vote.
+    rng = np.random.default_rng(3)
+    centers = rng.normal(size=(12, 16))
+    ytr, yva = rng.integers(0, 12, 300), rng.integers(0, 12, 200)
+    tr = centers[ytr] + 2.0 * rng.normal(size=(300, 16))
+    va = centers[yva] + 2.0 * rng.normal(size=(200, 16))
+    want = _numpy_knn(tr, ytr, va, 12, 3, 0.07)
+    res = knn_accuracy(torch.tensor(tr), torch.tensor(ytr), torch.tensor(va), torch.tensor(yva), 12, k=3)
+    voted = want[np.arange(len(yva)), yva] > 0
+    assert res["top5"] == pytest.approx(100 * voted.mean())
+    assert res["top1"] == pytest.approx(_numpy_topk(want, yva)[0])
+    assert 0 < res["top1"] < res["top5"] < 100
+
+
+def test_k_beyond_the_memory_bank_is_refused_not_shrunk(tmp_path, monkeypatch):
+    from fastssl.eval import features
+    from fastssl.eval.knn import knn_eval
+
+    _image_folder(tmp_path / "train", 1, seed=0)  # 4 images
+    _image_folder(tmp_path / "val", 1, seed=1)
+    monkeypatch.setattr(features, "extract_features", _no_features)
+    with pytest.raises(UserError, match=r"kNN k=20 \(--k / eval.knn_k\) is more than the 4 images of the memory "
+                                        r"bank .*train; expected k <= 4"):
+        knn_eval(None, str(tmp_path / "train"), str(tmp_path / "val"), 32)
+
+
 def _image_folder(root, per_class: int, seed: int):
     """Four classes of 32 px JPEGs: grey noise (sd 60) around a class colour only 5 levels off grey, so kNN is
     neither at chance nor at 100% and its figure depends on the encoder's weights."""
@@ -116,6 +144,7 @@ def test_eval_tool_knn_matches_an_independent_knn_of_the_saved_weights(tmp_path,
     assert proc.returncode == 0, proc.stderr
     res = json.loads((tmp_path / "a.json").read_text())
     assert res["protocol"] == "knn" and res["encoder"] == "vit_pico" and res["random_init"] is False
+    assert res["k"] == 5 and res["temperature"] == 0.07  # what the figure depends on
     assert main([*args, "--random-init", "--json", str(tmp_path / "b.json")]) == 0  # in-process: no second import
     rand = json.loads((tmp_path / "b.json").read_text())
     assert rand["random_init"] is True

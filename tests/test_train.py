@@ -254,6 +254,13 @@ def test_run_dir_guards(tiny_data, tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"] == 1.0  # untouched
 
 
+def test_a_knn_k_beyond_the_memory_bank_is_refused_before_training(tiny_data, tmp_path):
+    # 40 training images: the final evaluation would refuse k=41 only after the whole run.
+    with pytest.raises(UserError, match=r"kNN k=41 .* more than the 40 images of the memory bank"):
+        train(_cfg(tiny_data, tmp_path / "run", "eval.knn_k=41"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_folder_with_someone_elses_config_yaml_is_not_taken_for_a_run(tiny_data, tmp_path):
     mine = tmp_path / "project"
     mine.mkdir()

@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.protocol == "knn":
         from fastssl.eval.knn import knn_eval
 
-        res = knn_eval(encoder, train, val, cfg.data.image_size, k=args.k, temperature=args.temperature,
-                       batch_size=args.batch_size, device=device, workers=args.workers)
+        res = {"k": args.k, "temperature": args.temperature,
+               **knn_eval(encoder, train, val, cfg.data.image_size, k=args.k, temperature=args.temperature,
+                          batch_size=args.batch_size, device=device, workers=args.workers)}
     else:
         from fastssl.eval.linear import linear_eval
 

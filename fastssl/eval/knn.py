@@ -29,8 +29,11 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_fea
 
 def knn_accuracy(train_feats, train_labels, val_feats, val_labels, num_classes: int, k: int = 20,
                  temperature: float = 0.07) -> dict[str, float]:
-    """kNN top-1/top-5 (%) of `val_feats` against the memory bank `train_feats`; top-5 is top-C below 5 classes."""
-    return topk_accuracy(knn_predict(train_feats, train_labels, val_feats, num_classes, k, temperature), val_labels)
+    """kNN top-1/top-5 (%) of `val_feats` against the memory bank `train_feats`; top-5 is top-C below 5 classes.
+    A class none of the k neighbours voted for is not predicted: when fewer than 5 classes get votes, top-5
+    would otherwise count whichever zero-score classes the tie order lists (k=5 on 10 classes: +4 points)."""
+    scores = knn_predict(train_feats, train_labels, val_feats, num_classes, k, temperature)
+    return topk_accuracy(scores.masked_fill_(scores == 0, float("-inf")), val_labels)
 
 
 def check_knn_settings(k, temperature) -> None:
@@ -39,6 +42,14 @@ def check_knn_settings(k, temperature) -> None:
         raise UserError(f"kNN k (--k / eval.knn_k) {k!r}; expected an integer >= 1")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
         raise UserError(f"kNN temperature (--temperature / eval.knn_t) {temperature!r}; expected a number > 0")
+
+
+def check_bank_size(k: int, bank, what: str = "") -> None:
+    """k neighbours need as many images in the memory bank (an ImageFolderIndex); fewer would be a silent
+    smaller k."""
+    if k > len(bank):
+        raise UserError(f"kNN k={k} (--k / eval.knn_k) is more than the {len(bank)} images of the memory bank "
+                        f"{bank.root}{what}; expected k <= {len(bank)}")
 
 
 def check_same_classes(train, val, train_what: str = "kNN train folder", val_what: str = "kNN val folder") -> None:
@@ -66,6 +77,7 @@ def knn_eval(encoder, train_data, val_data, image_size: int, *, k: int = 20, tem
 
     check_knn_settings(k, temperature)  # before the (slow) feature extraction
     train, val = paired_folders(train_data, val_data, "kNN train folder", "kNN val folder")
+    check_bank_size(k, train)
     tr, tr_y, num_classes = extract_features(encoder, train, image_size, batch_size, device, workers)
     va, va_y, _ = extract_features(encoder, val, image_size, batch_size, device, workers)
     return knn_accuracy(tr, tr_y, va, va_y, num_classes, k, temperature)

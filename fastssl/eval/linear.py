@@ -31,9 +31,10 @@ class LinearProbe(nn.Sequential):
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """top-1 / top-5 (%) of class scores (N, C); top-5 is top-C when there are fewer than 5 classes."""
-    top = scores.topk(min(5, scores.shape[1]), dim=1).indices
-    hit = top == labels[:, None]
+    """top-1 / top-5 (%) of class scores (N, C); top-5 is top-C when there are fewer than 5 classes. A score of
+    -inf is no prediction: it never counts as a hit, wherever topk's tie order lists it."""
+    top = scores.topk(min(5, scores.shape[1]), dim=1)
+    hit = (top.indices == labels[:, None]) & (top.values > float("-inf"))
     return {"top1": 100.0 * hit[:, 0].float().mean().item(), "top5": 100.0 * hit.any(1).float().mean().item()}
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from fastssl.data.imagefolder import ImageFolderIndex, scan_image_folder
 from fastssl.errors import UserError
-from fastssl.eval.knn import check_same_classes
+from fastssl.eval.knn import check_bank_size, check_same_classes
 from fastssl.recipe_checks import check_ranges
 
 
@@ -67,6 +67,8 @@ class KnnMonitor:
         self.train = balanced_subset(train, ev.knn_monitor_train_samples, cfg.seed)
         self.val = balanced_subset(val, ev.knn_monitor_val_samples, cfg.seed)
         check_same_classes(self.train, self.val, "kNN train folder", "eval.knn_val_path")
+        check_bank_size(ev.knn_k, self.train, f" (the monitor's subset: eval.knn_monitor_train_samples="
+                                              f"{ev.knn_monitor_train_samples})")
         self.k, self.t = ev.knn_k, ev.knn_t
         self.image_size, self.batch_size = cfg.data.image_size, ev.batch_size
         self.workers, self.device = cfg.data.workers, torch.device(device)
