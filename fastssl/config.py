@@ -67,6 +67,9 @@ class MethodConfig:
     proj_dim: int = 128
     proj_last_bn: bool = True
     proj_hidden_bn: bool = True  # BN after each hidden Linear; MoCo v2's head has none (Linear+bias, ReLU)
+    # SimCLR: the loss is loss_scale x NT-Xent's mean over the 2N views (the paper's eq. 1); 2 = the released
+    # code's objective (the sum of its two directions' means), which its lr and weight decay were tuned with
+    loss_scale: float = 1.0
     # MoCo (fastssl/methods/mocov2.py, mocov3.py)
     momentum: float = 0.99  # key-encoder EMA; v2 keeps it fixed, v3 raises it to 1 on a cosine
     queue_size: int = 65536  # MoCo v2's negatives; a multiple of data.batch_size (MoCo v3 has no queue)

@@ -38,6 +38,7 @@ _RULES: list[tuple[str, Callable, str]] = [
     ("method.proj_hidden", _positive, ">= 1"),
     ("method.proj_dim", _positive, ">= 1"),
     ("method.pred_hidden", _positive, ">= 1"),
+    ("method.loss_scale", _positive, "a finite number > 0"),
     ("train.epochs", _non_negative, ">= 0"),
     ("train.max_steps", _non_negative, ">= 0 (0: train.epochs decides)"),
     ("train.stop_after_steps", _non_negative, ">= 0 (0: run to the end)"),

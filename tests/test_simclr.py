@@ -55,6 +55,42 @@ def test_loss_equals_eq_1_over_the_methods_networks(encoder):
     assert abs(paper_nt_xent(*z_own_bn, 0.2) - expect) > 1e-4
 
 
+def released_code_objective(z1: np.ndarray, z2: np.ndarray, tau: float) -> float:
+    """SimCLR's objective.py: logits of a against [b, a] with a's self-similarity masked, cross-entropy towards
+    its own b (loss_a, a mean over N); the same from b (loss_b); the loss is loss_a + loss_b."""
+    a = z1 / np.linalg.norm(z1, axis=1, keepdims=True)
+    b = z2 / np.linalg.norm(z2, axis=1, keepdims=True)
+
+    def direction(x, y):
+        logits = np.concatenate([x @ y.T, x @ x.T - 1e9 * np.eye(len(x))], axis=1) / tau
+        lse = np.log(np.exp(logits).sum(1))
+        return np.mean(lse - np.diag(logits[:, :len(x)]))
+
+    return direction(a, b) + direction(b, a)
+
+
+def test_loss_scale_2_is_the_released_codes_objective():
+    torch.manual_seed(0)
+    method = build_method(_cfg(loss_scale=2.0)).double().train()
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = (torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    with torch.no_grad():
+        out = method(ViewBatch((x1, x2), torch.zeros(6, dtype=torch.long), torch.arange(6)))
+        z = method.projector(method.encoder(torch.cat([x1, x2]))).numpy()
+    np.testing.assert_allclose(out.loss.item(), released_code_objective(z[:6], z[6:], 0.2), rtol=1e-5)
+    np.testing.assert_allclose(out.logs["nt_xent"].item(), paper_nt_xent(z[:6], z[6:], 0.2), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mocov2", "mocov3"])
+def test_loss_scale_is_refused_for_moco(name):
+    from fastssl.errors import UserError
+
+    cfg = config_from_dict(dict(data=dict(batch_size=8), method=dict(name=name, loss_scale=2.0, queue_size=64,
+                                                                      shuffle_bn_splits=2)))
+    with pytest.raises(UserError, match=f"method.loss_scale=2.0 applies to SimCLR only; {name} scales"):
+        build_method(cfg)
+
+
 def test_projection_head_is_a_3_layer_mlp_ending_in_bn():
     # Appendix B.9 / SimCLR v2: a 3-layer head (2 hidden, BN + ReLU) on the encoder's features; its last BN here
     # has no affine (MoCo v3's choice, documented in fastssl/methods/simclr.py).

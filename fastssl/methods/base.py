@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fastssl.errors import UserError
 from fastssl.registry import Registry
 
 from pipelines.base import ViewBatch
@@ -69,3 +70,10 @@ def build_method(cfg) -> Method:
             if e.name != f"fastssl.methods.{name}":
                 raise
     return METHODS.get(cfg.method.name)(cfg)
+
+
+def refuse_simclr_loss_scale(cfg) -> None:
+    """MoCo's loss scale is its paper's (v3: 2T, in the method); method.loss_scale is SimCLR's knob."""
+    if cfg.method.loss_scale != 1.0:
+        raise UserError(f"method.loss_scale={cfg.method.loss_scale} applies to SimCLR only; {cfg.method.name} "
+                        f"scales its loss as its paper does: remove method.loss_scale")

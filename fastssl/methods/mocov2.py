@@ -13,7 +13,7 @@ from fastssl.encoders import create_encoder
 from fastssl.errors import UserError
 from fastssl.heads import build_mlp
 from fastssl.losses import info_nce
-from fastssl.methods.base import METHODS, LossOutput, Method
+from fastssl.methods.base import METHODS, LossOutput, Method, refuse_simclr_loss_scale
 from fastssl.methods.drloc import DenseRelativeLoc, tokens_and_features, validate_drloc
 from fastssl.methods.shuffle_bn import gather, shuffled_forward
 from fastssl.momentum import ema_update, momentum_copy, validate_momentum
@@ -95,6 +95,7 @@ def validate(cfg) -> None:
         raise UserError(f"method.pred_layers={m.pred_layers}: MoCo v2 has no predictor (MoCo v3 does); set "
                         f"method.pred_layers=0 or method.name=mocov3")
     validate_momentum(m.momentum)
+    refuse_simclr_loss_scale(cfg)
     if m.queue_size < 1 or m.queue_size % batch:
         raise UserError(f"method.queue_size={m.queue_size} must be a positive multiple of the global batch "
                         f"data.batch_size={batch} (each step replaces one batch of keys)")

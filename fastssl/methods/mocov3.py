@@ -15,7 +15,7 @@ from fastssl.encoders import create_encoder
 from fastssl.errors import UserError
 from fastssl.heads import build_mlp
 from fastssl.losses import info_nce
-from fastssl.methods.base import METHODS, LossOutput, Method
+from fastssl.methods.base import METHODS, LossOutput, Method, refuse_simclr_loss_scale
 from fastssl.methods.drloc import DenseRelativeLoc, tokens_and_features, validate_drloc
 from fastssl.momentum import cosine_momentum, ema_update, momentum_copy, validate_momentum
 
@@ -93,6 +93,7 @@ def validate(cfg) -> None:
     if m.pred_layers < 0:
         raise UserError(f"method.pred_layers must be >= 0 (MoCo v3: 2), got {m.pred_layers}")
     validate_momentum(m.momentum)
+    refuse_simclr_loss_scale(cfg)
     validate_drloc(cfg)
 
 

@@ -1,8 +1,9 @@
 """SimCLR (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual Representations").
 
-The loss is the paper's NT-Xent, the mean over the 2N views (sec. 2.1). The released code (objective.py)
-returns the sum of its two directions' means, twice this: against it, a learning rate here moves biases and
-BN parameters (not adapted by LARS) half as far, and weight decay weighs twice as much against the gradient.
+The loss is the paper's NT-Xent, the mean over the 2N views (sec. 2.1), times `method.loss_scale`. The released
+code (objective.py) returns the sum of its two directions' means, twice the mean: with scale 1, a learning rate
+moves biases and BN parameters (not adapted by LARS) half as far as there, and weight decay weighs twice as
+much against the gradient. Recipes that take the paper's lr and weight decay set loss_scale 2.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class SimCLR(Method):
         m = cfg.method
         self.temperature = m.temperature
         self.loss_impl = m.loss_impl
+        self.loss_scale = m.loss_scale
         self.encoder = create_encoder(cfg.model, cfg.data.image_size)
         # Sec. 2.1 / SimCLR v2: an MLP projection head g(.) whose output the loss sees; the encoder's
         # features h are what is evaluated.
@@ -38,7 +40,9 @@ class SimCLR(Method):
         n = batch.views[0].shape[0]
         z = self.projector(self.encoder(torch.cat(batch.views[:2])))
         loss = nt_xent(z[:n], z[n:], self.temperature, impl=self.loss_impl)
-        return LossOutput(loss)
+        if self.loss_scale == 1.0:
+            return LossOutput(loss)
+        return LossOutput(self.loss_scale * loss, {"nt_xent": loss.detach()})
 
 
 def validate(cfg) -> None:
