@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +29,8 @@ from pipelines import ops
 from pipelines.augment import AugmentSpec, spec_for
 from pipelines.base import ViewBatch
 
-DEFAULT_RECIPE = "recipes/simclr_resnet18_synthetic.yaml"  # the demo
+# The demo's, found from the checkout rather than the current folder (the other tools take no default path).
+DEFAULT_RECIPE = str(Path(__file__).resolve().parents[2] / "recipes/simclr_resnet18_synthetic.yaml")
 # On a CPU the demo's step (ResNet-18, 64 px, CIFAR stem) costs ~27 GFLOP per image: batch 32 and 3 steps
 # keep one configuration near a minute on 2 cores. On a GPU the recipe's batch and enough steps to average.
 CPU_DEFAULTS = dict(batch=32, steps=3, warmup=1)
