@@ -90,3 +90,22 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+def images_per_s(windows: list[tuple[int, float]]) -> float:
+    """All images over all seconds of the logging windows but the first, which pays worker start-up and
+    allocator warm-up. (Not the mean of the windows' rates: a slow window holds as many images as a fast one
+    and more of the time, so that mean overstates.)"""
+    timed = windows[1:] or windows
+    return float(sum(i for i, _ in timed) / sum(t for _, t in timed)) if timed else 0.0
+
+
+def logged_windows(records: list[dict], global_batch: int) -> list[tuple[int, float]]:
+    """(images, seconds) of each logging window, from metrics.jsonl's steps and rates."""
+    out, last = [], 0
+    for r in records:
+        if "images_per_s" in r and r["images_per_s"] > 0:
+            images = (r["step"] - last) * global_batch
+            out.append((images, images / r["images_per_s"]))
+            last = r["step"]
+    return out

@@ -19,7 +19,7 @@ from fastssl.errors import UserError
 from fastssl.fileio import write_atomic
 from fastssl.eval.knn import check_bank_size, paired_folders
 from fastssl.eval.monitor import KnnMonitor
-from fastssl.metrics import MetricsLog, Progress, read_records
+from fastssl.metrics import MetricsLog, Progress, images_per_s, logged_windows, read_records
 from fastssl.optim import build_optimizer
 from fastssl.preempt import StopRequest
 from fastssl.recipe_checks import check_recipe
@@ -52,25 +52,6 @@ class TrainState:
         self.world_size = int(d.get("world_size", 1))
         self.steps_per_epoch = int(d.get("steps_per_epoch", 0))
         self.total_steps = int(d.get("total_steps", 0))
-
-
-def images_per_s(windows: list[tuple[int, float]]) -> float:
-    """All images over all seconds of the logging windows but the first, which pays worker start-up and
-    allocator warm-up. (Not the mean of the windows' rates: a slow window holds as many images as a fast one
-    and more of the time, so that mean overstates.)"""
-    timed = windows[1:] or windows
-    return float(sum(i for i, _ in timed) / sum(t for _, t in timed)) if timed else 0.0
-
-
-def logged_windows(records: list[dict], global_batch: int) -> list[tuple[int, float]]:
-    """(images, seconds) of each logging window, from metrics.jsonl's steps and rates."""
-    out, last = [], 0
-    for r in records:
-        if "images_per_s" in r and r["images_per_s"] > 0:
-            images = (r["step"] - last) * global_batch
-            out.append((images, images / r["images_per_s"]))
-            last = r["step"]
-    return out
 
 
 def _knn_sets(cfg: Config):

@@ -74,7 +74,7 @@ def test_cli_run_writes_config_metrics_checkpoint_and_summary(tiny_data, tmp_pat
 
 
 def test_throughput_is_images_over_seconds_not_the_mean_of_window_rates():
-    from fastssl.train import images_per_s, logged_windows
+    from fastssl.metrics import images_per_s, logged_windows
 
     # Windows of 8 images in 1 s (start-up, skipped), 1 s and 3 s: 16 images in 4 s. The mean of the two
     # rates, (8 + 8/3) / 2, would say 5.33.
