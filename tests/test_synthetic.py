@@ -184,6 +184,45 @@ def test_existing_output_is_refused_or_replaced_only_when_complete(tmp_path, mon
     assert len(_hashes(tmp_path / "empty")) == 4
 
 
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("foreign, named", [("notes.txt", "notes.txt"), ("papers/a.pdf", "papers"),
+                                            ("train/readme.md", "readme.md"), ("val/cat/photo.png", "photo.png")])
+def test_force_replaces_only_a_previous_dataset(tmp_path, foreign, named):
+    # Oracle: what the generator writes (train/ and val/ class folders of .jpg) plus the Makefile's
+    # OUT/.complete is replaceable; one entry it would not have written makes --force refuse and delete nothing.
+    out = tmp_path / "out"
+    make_synthetic_dataset(out, classes=2, train_per_class=1, val_per_class=1, size=16, seed=0)
+    seed0 = _hashes(out)
+    (out / ".complete").touch()
+    made_folder = not (out / foreign).parent.exists()
+    (out / foreign).parent.mkdir(parents=True, exist_ok=True)
+    (out / foreign).write_text("the user's")
+    before = _tree(out)
+    with pytest.raises(UserError) as e:
+        make_synthetic_dataset(out, classes=2, train_per_class=1, val_per_class=1, size=16, seed=1, force=True)
+    assert named in str(e.value) and "not a previous synthetic dataset" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert _tree(out) == before and list(tmp_path.iterdir()) == [out]
+
+    (out / foreign).unlink()
+    if made_folder:
+        (out / foreign).parent.rmdir()
+    make_synthetic_dataset(out, classes=2, train_per_class=1, val_per_class=1, size=16, seed=1, force=True)
+    assert sorted(_hashes(out)) == sorted(seed0) and _hashes(out) != seed0  # the seed-1 images, no marker
+
+
+def test_cli_force_refuses_a_folder_of_the_users(tmp_path):
+    (tmp_path / "d" / "drafts").mkdir(parents=True)
+    (tmp_path / "d" / "notes.txt").write_text("mine")
+    proc = run_tool("tools/make_synthetic.py", str(tmp_path / "d"), "--classes", "2", "--train-per-class", "1",
+                    "--val-per-class", "1", "--size", "16", "--force")
+    assert_user_error(proc, str(tmp_path / "d"), "drafts", "not a previous synthetic dataset", "train/ and val/")
+    assert (tmp_path / "d" / "notes.txt").read_text() == "mine" and (tmp_path / "d" / "drafts").is_dir()
+
+
 def test_leftovers_of_a_killed_run_are_cleaned_and_a_caught_dataset_returns(tmp_path):
     # SIGKILL skips the clean-up: a half-built .OUT.partial-<pid>, or (killed between --force's two renames) the
     # previous dataset as .OUT.old-<pid> with no OUT. The next run removes the first and restores the second.

@@ -19,7 +19,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--val-per-class", type=int, default=60)
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="replace a non-empty OUT once the new one is complete")
+    p.add_argument("--force", action="store_true",
+                   help="replace a previous dataset of this tool at OUT once the new one is complete")
     return p.parse_args(argv)
 
 

@@ -28,6 +28,7 @@ SUPERSAMPLE = 4
 JPEG_QUALITY = 90
 SPLITS = ("train", "val")  # the position is the split id in each image's seed
 MIN_SIZE, MAX_SIZE = 16, 1024
+MAKE_MARKER = ".complete"  # the Makefile touches OUT/.complete once this tool has succeeded
 # sqrt(shape area) as a fraction of the image side. 0.3-0.46 makes the shapes span ~30% (small circle) to
 # ~95% (large L at its widest rotation) of the side: large enough for 64 px images to carry the shape, and
 # small enough that every family fits inside the image at every rotation and stretch.
@@ -227,6 +228,23 @@ def _write_split(root: Path, split: str, families: tuple[str, ...], count: int, 
             (folder / f"{i:05d}.jpg").write_bytes(encode_jpeg(rgb))
 
 
+def _not_a_previous_dataset(out: Path) -> str | None:
+    """None when `out` holds only what make_synthetic_dataset writes (plus the Makefile's marker), else the first
+    entry that it would not have written, described for the error."""
+    for top in sorted(out.iterdir()):
+        if top.name == MAKE_MARKER and top.is_file():
+            continue
+        if top.name not in SPLITS or top.is_symlink() or not top.is_dir():
+            return f"{top.name!r}"
+        for cls in sorted(top.iterdir()):
+            if cls.is_symlink() or not cls.is_dir():
+                return f"{top.name}/{cls.name!r} (not a class folder)"
+            for f in sorted(cls.iterdir()):
+                if f.suffix != ".jpg" or f.is_symlink() or not f.is_file():
+                    return f"{top.name}/{cls.name}/{f.name!r} (not a .jpg file)"
+    return None
+
+
 def make_synthetic_dataset(out: str | os.PathLike, classes: int = 10, train_per_class: int = 260,
                            val_per_class: int = 60, size: int = 64, seed: int = 0, *,
                            force: bool = False) -> SyntheticSummary:
@@ -240,8 +258,14 @@ def make_synthetic_dataset(out: str | os.PathLike, classes: int = 10, train_per_
     clean_up_killed_builds(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a directory; expected a new or empty folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"output {out} exists and is not empty; expected a new or empty folder (or --force)")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UserError(f"output {out} exists and is not empty; expected a new or empty folder (or --force)")
+        foreign = _not_a_previous_dataset(out)
+        if foreign is not None:  # --force deletes: only ever a dataset this tool (and `make demo`) wrote
+            raise UserError(f"--force: output {out} holds {foreign}, so it is not a previous synthetic dataset; "
+                            f"expected only train/ and val/ class folders of .jpg files (and make's "
+                            f"{MAKE_MARKER}); refusing to replace it")
     families = FAMILY_NAMES[:classes]
     start = time.perf_counter()
     with build_in_place(out, "the dataset") as tmp:  # --force: the old dataset goes only once the new is whole
