@@ -9,9 +9,12 @@ traceback. `ArgumentParser` gives argparse's own errors the same one-line form.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from functools import wraps
 
 
@@ -20,6 +23,30 @@ class UserError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))  # always one line
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM inside sigterm_as_interrupt(). A KeyboardInterrupt, so every clean-up written for Ctrl-C (removing
+    a half-written output) runs for a scheduler's time limit or `kill` too."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises Terminated in the main thread instead of killing the process at once (which
+    skips every clean-up). Later SIGTERMs are ignored so they cannot cut the clean-up short; SIGKILL still ends it."""
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works in the main thread only
+        yield
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
 
 
 def _error_line(message: str) -> str:
@@ -34,7 +61,8 @@ def _error_line(message: str) -> str:
 
 
 def cli_main(fn: Callable[..., int | None]) -> Callable[..., int]:
-    """Wrap a tool's main(): UserError and Ctrl-C become one line on stderr and a non-zero exit."""
+    """Wrap a tool's main(): UserError, Ctrl-C and SIGTERM (Terminated) become one line on stderr and a non-zero
+    exit (130 and 143 for the signals, as the shell reports a process they killed)."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs) -> int:
@@ -43,6 +71,9 @@ def cli_main(fn: Callable[..., int | None]) -> Callable[..., int]:
         except UserError as e:
             print(_error_line(str(e)), file=sys.stderr)
             return 2
+        except Terminated:
+            print(_error_line("terminated (SIGTERM)"), file=sys.stderr)
+            return 128 + signal.SIGTERM
         except KeyboardInterrupt:
             print(_error_line("interrupted"), file=sys.stderr)
             return 130

@@ -89,6 +89,13 @@ def check_dataset_batches(source: str, num_samples: int, global_batch: int, drop
                         f"data.batch_size that leaves a multiple of {num_processes}")
 
 
+def check_start_batch(start_batch: int, steps: int) -> None:
+    """set_epoch's resume point: 0..steps, where `steps` (the epoch's length) resumes an epoch that has ended."""
+    if not 0 <= start_batch <= steps:
+        raise UserError(f"start_batch={start_batch} is outside this epoch's {steps} batches; expected an integer in "
+                        f"0..{steps}")
+
+
 def shard_order(order: np.ndarray, global_batch: int, process_index: int, num_processes: int,
                 drop_last: bool) -> list[np.ndarray]:
     """This process's batches of one epoch, for any global order: global batch s is order[s*G:(s+1)*G] and

@@ -31,7 +31,7 @@ from fastssl.errors import UserError
 from pipelines import ops
 from pipelines.augment import AugmentSpec
 from pipelines.base import (BACKENDS, LoaderContext, ViewBatch, batch_seed, check_dataset_batches, check_global_batch,
-                            data_device, shard_batches, steps_per_epoch)
+                            check_start_batch, data_device, shard_batches, steps_per_epoch)
 from pipelines.dali_sources import open_source
 
 INSTALL_HINT = ("data.backend=dali needs NVIDIA DALI, which is not installed; install the extra with "
@@ -117,8 +117,7 @@ class DaliViewLoader:
         return self._steps
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if not 0 <= start_batch <= self._steps:
-            raise UserError(f"start_batch={start_batch} is outside this epoch's {self._steps} batches")
+        check_start_batch(start_batch, self._steps)
         self._epoch, self._start = epoch, start_batch
 
     def __iter__(self):

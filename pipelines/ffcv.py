@@ -27,7 +27,7 @@ from fastssl.data.beton import IMAGE_FIELD, LABEL_FIELD, import_ffcv, open_beton
 from fastssl.errors import UserError
 from pipelines.augment import AugmentSpec
 from pipelines.base import (BACKENDS, LoaderContext, ViewBatch, batch_seed, check_dataset_batches, check_global_batch,
-                            data_device, epoch_order, shard_order, steps_per_epoch)
+                            check_start_batch, data_device, epoch_order, shard_order, steps_per_epoch)
 from pipelines.ops import make_view, sample_crop_boxes
 
 ORDERS = ("shared", "random", "quasi_random", "sequential")
@@ -98,6 +98,7 @@ class FFCVViewLoader:
         return steps_per_epoch(self.num_samples, self.global_batch, self.drop_last)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        check_start_batch(start_batch, len(self))
         self.epoch, self.start_batch = int(epoch), int(start_batch)
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:

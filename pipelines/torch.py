@@ -22,7 +22,7 @@ from fastssl.preempt import ignore_in_workers
 from pipelines import ops
 from pipelines.augment import AugmentSpec
 from pipelines.base import (BACKENDS, LoaderContext, ViewBatch, batch_seed, check_dataset_batches, check_global_batch,
-                            data_device, shard_batches, steps_per_epoch)
+                            check_start_batch, data_device, shard_batches, steps_per_epoch)
 from pipelines.eval_views import build_eval_loader  # noqa: F401  (public here: fastssl.eval imports it)
 
 # A region is pre-shrunk by an integer factor f (block mean, an exact box filter) only while every box
@@ -142,8 +142,7 @@ class TorchViewLoader:
         return self._steps
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if not 0 <= start_batch <= self._steps:
-            raise UserError(f"start_batch={start_batch} is outside this epoch's {self._steps} batches")
+        check_start_batch(start_batch, self._steps)
         self._requests.epoch, self._requests.start = epoch, start_batch
 
     def __iter__(self):

@@ -130,3 +130,57 @@ def forbid(monkeypatch, owner, name: str, what: str) -> None:
         raise AssertionError(what)
 
     monkeypatch.setattr(owner, name, fail)
+
+
+_SLOWED_TOOL = """
+import runpy, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under a shell that ignores it
+module, name, tool = sys.argv[1:4]
+__import__(module)
+owner = sys.modules[module]
+real = getattr(owner, name)
+def slowed(*args, **kwargs):
+    time.sleep(0.05)
+    return real(*args, **kwargs)
+setattr(owner, name, slowed)
+sys.argv = sys.argv[3:]
+runpy.run_path(tool, run_name="__main__")
+"""
+
+
+def signal_mid_conversion(tool: str, slowed: str, started, args: list[str], sig: int, timeout: float = 120):
+    """Run `python tools/<tool> args...` with `slowed` ("module:function", called once per image, before any
+    worker forks) taking 50 ms longer, and once `started()` says the partial output is being written, send `sig`
+    to the tool's whole process group, as Ctrl-C in a terminal or a scheduler's time limit does. Fails if the
+    tool ended first. Returns (returncode, stderr), after checking that no process of the group is left."""
+    import signal as signals
+    import subprocess
+    import time
+
+    module, name = slowed.split(":")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", _SLOWED_TOOL, module, name, str(ROOT / "tools" / tool), *args],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not started():
+            assert proc.poll() is None, f"the tool ended before its output was started: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "the tool did not start writing in time"
+            time.sleep(0.05)
+        time.sleep(0.5)  # well inside the writing (each image takes >= 50 ms), with its workers busy
+        assert proc.poll() is None, f"the tool ended before the signal: {proc.stderr.read()}"
+        os.killpg(proc.pid, sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signals.SIGKILL)
+            proc.wait()
+    for _ in range(40):  # a killed worker's exit, and its reaping by init, take a moment
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return proc.returncode, stderr
+        time.sleep(0.05)
+    os.killpg(proc.pid, signals.SIGKILL)
+    raise AssertionError(f"a process of the tool (a worker) outlived it; stderr: {stderr}")

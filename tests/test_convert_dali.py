@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import signal
 import tarfile
 import tempfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from PIL import Image
 from fastssl.data import shards
 from fastssl.data.shards import convert_image_folder, open_shards, verify_shards
 from fastssl.errors import UserError
-from conftest import assert_user_error, dead_pid, run_tool
+from conftest import assert_user_error, dead_pid, run_tool, signal_mid_conversion
 
 
 def _jpeg(path: Path, h: int, w: int, seed: int) -> bytes:
@@ -74,6 +75,22 @@ def test_round_trip_keeps_every_image_and_label(tmp_path):
         assert s.labels[i] == label
         assert (s.widths[i], s.heights[i]) == Image.open(io.BytesIO(data)).size
     verify_shards(tmp_path / "out")
+
+
+def test_tiff_and_16_bit_sources_are_re_encoded_with_their_top_8_bits(tmp_path):
+    # Oracle: a .tif is an image (torchvision's extensions), and a 16-bit 0..65535 ramp stores v >> 8 (what
+    # DALI decodes from the source file), within JPEG quality 95's error on a smooth ramp; PIL's convert("RGB")
+    # would clip it to a mean of ~254.
+    ramp = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    Image.fromarray(ramp).save(tmp_path / "src" / "a" / "ramp.png")
+    Image.fromarray(ramp).save(tmp_path / "src" / "a" / "ramp.TIF")
+    summary = convert_image_folder(tmp_path / "src", tmp_path / "out")
+    assert summary.num_samples == 2 and summary.reencoded == 2 and summary.skipped == ()
+    expected = np.repeat((ramp >> 8)[..., None], 3, axis=2).astype(np.int16)
+    for data, _, _ in _read_back(tmp_path / "out"):
+        got = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.int16)
+        assert np.abs(got - expected).max() <= 4 and abs(got.mean() - 127.5) < 0.5
 
 
 def test_shards_are_shuffled_and_conversion_is_deterministic(tmp_path):
@@ -141,6 +158,29 @@ def test_interrupted_conversion_leaves_nothing_usable(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         convert_image_folder(tmp_path / "src", tmp_path / "out", shard_size=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no OUT_DIR, no partial folder left
+
+
+@pytest.mark.parametrize("sig, code, message, workers", [
+    (signal.SIGTERM, 143, "terminated (SIGTERM)", 2), (signal.SIGTERM, 143, "terminated (SIGTERM)", 1),
+    (signal.SIGINT, 130, "interrupted", 2)])
+def test_a_signal_mid_conversion_leaves_no_partial_folder_and_the_previous_dataset(tmp_path, sig, code, message,
+                                                                                    workers):
+    # Oracle: the tool's contract (OUT_DIR whole or untouched, one error line) under what a scheduler's time limit
+    # or Ctrl-C sends: the signal to every process of the tool. A real process, signalled while shard tars are
+    # being written (each image slowed by 50 ms), with a previous conversion at OUT_DIR to be replaced.
+    _folder(tmp_path / "src", per_class=20)
+    convert_image_folder(tmp_path / "src", tmp_path / "out", shard_size=10)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+
+    def writing() -> bool:
+        return any(p.name.startswith(".out.partial-") and any(p.glob("*.tar")) for p in tmp_path.iterdir())
+
+    rc, stderr = signal_mid_conversion("convert_dali.py", "fastssl.data.shards:_jpeg_bytes", writing,
+                                       [str(tmp_path / "src"), str(tmp_path / "out"), "--shard-size", "10",
+                                        "--workers", str(workers), "--overwrite"], sig)
+    assert rc == code and stderr.strip() == f"error: {message}", stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no .out.partial-<pid>, no .out.old-<pid>
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
 
 
 def test_a_killed_conversion_is_refused_by_the_loader(tmp_path):

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
+import signal
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, assert_user_error, run_tool
+from conftest import ROOT, assert_user_error, run_tool, signal_mid_conversion
 
 SIZES = [(20, 36), (40, 24), (33, 33), (48, 30)]  # (h, w): mixed aspect ratios, odd sides
 
@@ -155,6 +157,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
         ((str(folder), str(tmp_path / "o.beton"), "--jpeg-quality", "0"), "--jpeg-quality 0"),
         ((str(folder), str(tmp_path / "o.beton"), "--max-resolution", "4"), "--max-resolution 4"),
         ((str(folder), str(tmp_path / "o.beton"), "--page-mib", "3"), "--page-mib 3"),
+        ((str(folder), str(tmp_path / "o.beton"), "--write-mode", "smart", "--smart-threshold", "-1"),
+         "--smart-threshold -1; expected a size in bytes >= 0"),
     ]
     for args, fragment in cases:
         assert_user_error(run_tool("tools/convert_ffcv.py", *args), fragment)
@@ -186,6 +190,32 @@ def test_overwrite_replaces_only_when_asked_and_the_os_refusing_is_one_line(fold
     with pytest.raises(UserError, match=r"cannot write .*d\.beton: No space left on device \(.*\.d\.beton\.tmp-"):
         convert_image_folder(folder, tmp_path / "d.beton", page_mib=2, overwrite=True)
     assert describe(tmp_path / "d.beton")["images"] == 12 and os.listdir(tmp_path) == ["d.beton"]
+
+
+@pytest.mark.ffcv
+@pytest.mark.parametrize("sig, code, message", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                                (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_mid_conversion_removes_the_partial_file_with_one_line(tmp_path, sig, code, message):
+    # Oracle: the tool's contract (OUT whole or untouched, one error line) under what a scheduler's time limit or
+    # Ctrl-C sends: the signal to every process of the tool, ffcv's writer processes included (they printed a
+    # traceback each, and the parent a leaked shared_memory warning). A real process, signalled while its
+    # .OUT.tmp-<pid> is being written (each image slowed by 50 ms), with a previous OUT to be replaced.
+    pytest.importorskip("ffcv")
+    from fastssl.data.beton import convert_image_folder
+
+    src = make_image_folder(tmp_path / "src", classes=2, per_class=60, corrupt=False)
+    convert_image_folder(src, tmp_path / "x.beton", page_mib=2)
+    before = (tmp_path / "x.beton").read_bytes()
+
+    def writing() -> bool:
+        return any(p.name.startswith(".x.beton.tmp-") for p in tmp_path.iterdir())
+
+    rc, stderr = signal_mid_conversion("convert_ffcv.py", "fastssl.data.beton:load_rgb", writing,
+                                       [str(src), str(tmp_path / "x.beton"), "--workers", "2", "--chunk-size", "5",
+                                        "--page-mib", "2", "--overwrite"], sig)
+    rest = re.sub(r"\s*\d+%\|[^\]]*\]", "", stderr).split()  # without ffcv's tqdm progress bars
+    assert rc == code and " ".join(rest) == f"error: {message}", stderr
+    assert sorted(os.listdir(tmp_path)) == ["src", "x.beton"] and (tmp_path / "x.beton").read_bytes() == before
 
 
 @pytest.mark.ffcv

@@ -302,6 +302,8 @@ def test_resume_mid_epoch_and_an_abandoned_epoch(colour_root):
         assert torch.equal(a.indices, b.indices) and all(torch.equal(x, y) for x, y in zip(a.views, b.views))
     loader.set_epoch(4)
     assert not torch.equal(next(iter(loader)).views[0], full[0].views[0])
+    with pytest.raises(UserError, match="start_batch=6 is outside this epoch's 5 batches"):
+        loader.set_epoch(4, start_batch=6)
 
 
 @pytest.mark.dali

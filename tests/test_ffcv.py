@@ -197,6 +197,18 @@ def test_resume_mid_epoch_gives_the_same_batches_and_views(raw_loader):
     assert not torch.equal(next(iter(raw_loader)).views[0], full[0].views[0])
 
 
+def test_resume_point_outside_the_epoch_is_a_user_error(raw_loader):
+    # Oracle: the torch and DALI backends' contract, start_batch in 0..len(loader) (len: the epoch has ended).
+    from fastssl.errors import UserError
+
+    steps = len(raw_loader)
+    for bad in (-1, steps + 1):
+        with pytest.raises(UserError, match=rf"start_batch={bad} is outside this epoch's {steps} batches"):
+            raw_loader.set_epoch(2, start_batch=bad)
+    raw_loader.set_epoch(2, start_batch=steps)
+    assert list(raw_loader) == []
+
+
 @pytest.mark.parametrize("order", ["shared", "random", "quasi_random", "sequential"])
 def test_two_ranks_are_disjoint_and_complete(data, order):
     from pipelines.base import shard_batches

@@ -1,6 +1,6 @@
 """ImageFolder index and decoding. Oracles: torchvision ImageFolder's layout rules (sorted class folders,
-extension filter, recursive files), PIL's own `convert("RGB")`, and closed-form conversions (grey -> equal
-channels, RGBA -> its RGB channels)."""
+extension filter, recursive files) and its own sample list, PIL's own `convert("RGB")`, and closed-form
+conversions (grey -> equal channels, RGBA -> its RGB channels, 16-bit grey -> its top 8 bits as DALI decodes it)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,49 @@ def test_scan_follows_imagefolder_layout(tmp_path):
     np.testing.assert_array_equal(index.labels, [c for _, c in expected])
 
 
+_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".ppm": "PPM", ".bmp": "BMP", ".pgm": "PPM",
+            ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}
+
+
+def test_every_torchvision_extension_is_found_and_decoded_as_by_pil(tmp_path):
+    # Oracle: torchvision.datasets.ImageFolder's own class list and sample list over a folder mixing every
+    # extension it accepts (upper case too) with files it skips; each kept file decodes as PIL's convert("RGB").
+    datasets = pytest.importorskip("torchvision.datasets")
+    for i, (ext, fmt) in enumerate(_FORMATS.items()):
+        name = f"c{i % 3}/img{i}{ext.upper() if i % 2 else ext}"
+        arr = _noise(seed=i)[..., 0] if ext == ".pgm" else _noise(seed=i)
+        _save(tmp_path / name, arr, mode="L" if ext == ".pgm" else "RGB", fmt=fmt)
+    _save(tmp_path / "c1" / "nested" / "deep.TIF", fmt="TIFF")
+    _save(tmp_path / "c2" / "anim.gif", fmt="GIF")
+    (tmp_path / "c0" / "notes.txt").write_text("not an image")
+
+    index = scan_image_folder(tmp_path)
+    reference = datasets.ImageFolder(str(tmp_path))
+    assert index.classes == tuple(reference.classes)
+    assert index.samples == tuple((str(p), c) for p, c in reference.samples)
+    assert len(index) == len(_FORMATS) + 1
+    for path, _ in index.samples:
+        with Image.open(path) as img:
+            np.testing.assert_array_equal(load_rgb(path), np.asarray(img.convert("RGB")))
+
+
+@pytest.mark.parametrize("mode, fmt", [("I;16", "PNG"), ("I;16", "TIFF"), ("I;16B", "TIFF"), ("I", "TIFF")])
+def test_16_bit_grey_keeps_its_top_8_bits(tmp_path, mode, fmt):
+    # Oracle: a 0..65535 gradient has 8-bit values v >> 8 (0..255, mean 127.5 over whole 256-value steps), which
+    # is what DALI's decoder gives; PIL's convert("RGB") clips at 255 and turns 99.6% of the pixels white.
+    ramp = np.arange(65536, dtype=np.uint32).reshape(256, 256)
+    img = Image.fromarray(ramp.astype(np.int32), "I") if mode == "I" else Image.fromarray(ramp.astype(np.uint16))
+    if mode == "I;16B":
+        img = Image.frombytes("I;16B", img.size, ramp.astype(">u2").tobytes())
+    img.save(tmp_path / f"ramp.{fmt.lower()}", format=fmt)
+    with Image.open(tmp_path / f"ramp.{fmt.lower()}") as saved:
+        assert saved.mode == mode  # the file really is the mode under test
+    got = load_rgb(str(tmp_path / f"ramp.{fmt.lower()}"))
+    assert got.dtype == np.uint8 and got.shape == (256, 256, 3)
+    np.testing.assert_array_equal(got, np.repeat((ramp >> 8).astype(np.uint8)[..., None], 3, axis=2))
+    assert got.min() == 0 and got.max() == 255 and got.mean() == 127.5
+
+
 def test_missing_root(tmp_path):
     with pytest.raises(UserError) as e:
         scan_image_folder(tmp_path / "nope")
@@ -97,7 +140,7 @@ def test_class_folder_without_images(tmp_path):
     assert str(tmp_path / "good") + "," not in str(e.value)
 
 
-@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "I;16", "1"])
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "1"])  # 16-bit: test_16_bit_grey_keeps_its_top_8_bits
 def test_load_rgb_converts_like_pil(tmp_path, mode):
     path = _save(tmp_path / f"img_{mode.replace(';', '')}.png", mode=mode)
     got = load_rgb(str(path))

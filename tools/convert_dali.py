@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 import argparse  # noqa: E402
 
 from fastssl.data.shards import convert_image_folder  # noqa: E402
-from fastssl.errors import ArgumentParser, cli_main  # noqa: E402
+from fastssl.errors import ArgumentParser, cli_main, sigterm_as_interrupt  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -24,8 +24,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    s = convert_image_folder(a.imagefolder, a.out_dir, shard_size=a.shard_size, workers=a.workers,
-                             overwrite=a.overwrite)
+    with sigterm_as_interrupt():  # a scheduler's time limit: remove the partial folder as Ctrl-C does
+        s = convert_image_folder(a.imagefolder, a.out_dir, shard_size=a.shard_size, workers=a.workers,
+                                 overwrite=a.overwrite)
     for path, reason in s.skipped:
         print(f"skipped corrupt image {path}: {reason}", file=sys.stderr)
     print(f"wrote {s.num_samples} images of {len(s.classes)} classes in {s.num_shards} shards to {s.out_dir}"

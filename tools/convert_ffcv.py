@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 import argparse  # noqa: E402
 
 from fastssl.data.beton import WRITE_MODES, convert_image_folder, print_skipped  # noqa: E402
-from fastssl.errors import ArgumentParser, cli_main  # noqa: E402
+from fastssl.errors import ArgumentParser, cli_main, sigterm_as_interrupt  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,10 +39,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    s = convert_image_folder(a.imagefolder, a.out, max_resolution=a.max_resolution, jpeg_quality=a.jpeg_quality,
-                             write_mode=a.write_mode, compress_probability=a.compress_probability,
-                             smart_threshold=a.smart_threshold, workers=a.workers, chunk_size=a.chunk_size,
-                             page_mib=a.page_mib, overwrite=a.overwrite, report=print_skipped)
+    with sigterm_as_interrupt():  # a scheduler's time limit: remove the partial file as Ctrl-C does
+        s = convert_image_folder(a.imagefolder, a.out, max_resolution=a.max_resolution, jpeg_quality=a.jpeg_quality,
+                                 write_mode=a.write_mode, compress_probability=a.compress_probability,
+                                 smart_threshold=a.smart_threshold, workers=a.workers, chunk_size=a.chunk_size,
+                                 page_mib=a.page_mib, overwrite=a.overwrite, report=print_skipped)
     skipped = f", skipped {len(s.skipped)} corrupt image(s)" if s.skipped else ""
     print(f"wrote {s.path}: {s.images} images in {s.classes} classes, {s.bytes / 2**20:.1f} MiB{skipped}")
 

@@ -14,12 +14,14 @@ import re
 import sys
 import threading
 import _thread
+from multiprocessing import shared_memory
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from fastssl.data.imagefolder import check_images, load_rgb, scan_image_folder
+from fastssl.data.workers import children_ignore_stop_signals, kill_children_since
 from fastssl.fileio import check_creatable, stale_temporaries
 from fastssl.errors import UserError
 
@@ -94,8 +96,8 @@ def _watch_workers(stop: threading.Event, failed: list[str]) -> None:
             return
 
 
-def _validate(out: Path, overwrite: bool, max_resolution, jpeg_quality, write_mode, compress_probability, workers,
-              chunk_size) -> None:
+def _validate(out: Path, overwrite: bool, max_resolution, jpeg_quality, write_mode, compress_probability,
+              smart_threshold, workers, chunk_size) -> None:
     if out.suffix != ".beton":
         raise UserError(f"output {out} must end in .beton")
     check_creatable(out, "output")
@@ -111,6 +113,8 @@ def _validate(out: Path, overwrite: bool, max_resolution, jpeg_quality, write_mo
         raise UserError(f"--write-mode {write_mode!r}; expected one of {', '.join(WRITE_MODES)}")
     if not 0.0 <= compress_probability <= 1.0:
         raise UserError(f"--compress-probability {compress_probability}; expected a value in [0, 1]")
+    if smart_threshold is not None and smart_threshold < 0:
+        raise UserError(f"--smart-threshold {smart_threshold}; expected a size in bytes >= 0")
     if workers < 1 or chunk_size < 1:
         raise UserError(f"--workers {workers} / --chunk-size {chunk_size}; expected integers >= 1")
 
@@ -131,7 +135,8 @@ def convert_image_folder(src, out, *, max_resolution: int | None = None, jpeg_qu
     """
     out = Path(out).expanduser().absolute()
     max_resolution = max_resolution or None
-    _validate(out, overwrite, max_resolution, jpeg_quality, write_mode, compress_probability, workers, chunk_size)
+    _validate(out, overwrite, max_resolution, jpeg_quality, write_mode, compress_probability, smart_threshold, workers,
+              chunk_size)
     if page_mib < 2 or page_mib & (page_mib - 1):
         raise UserError(f"--page-mib {page_mib}; expected a power of two >= 2")
     for leftover, _ in stale_temporaries(out.parent, rf"\.{re.escape(out.name)}\.tmp-(?P<pid>\d{{1,9}})"):
@@ -168,8 +173,10 @@ def convert_image_folder(src, out, *, max_resolution: int | None = None, jpeg_qu
     stop, failed = threading.Event(), []
     watchdog = threading.Thread(target=_watch_workers, args=(stop, failed), daemon=True)
     watchdog.start()
+    before = set(multiprocessing.active_children())
     try:
-        writer.from_indexed_dataset(_Samples(samples, errors, failures), chunksize=chunk_size)
+        with children_ignore_stop_signals():  # ffcv's writer processes; killed below on an interrupt
+            writer.from_indexed_dataset(_Samples(samples, errors, failures), chunksize=chunk_size)
         stop.set()
         if failures.value:
             try:  # the count is shared memory; the message follows through the queue's pipe
@@ -178,11 +185,13 @@ def convert_image_folder(src, out, *, max_resolution: int | None = None, jpeg_qu
                 message = f"{failures.value} image(s) failed to load while writing"
             raise UserError(f"conversion of {index.root} stopped: {message}; nothing was written to {out}")
         os.replace(tmp, out)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM (fastssl.errors.Terminated), or a writer that died
+        stop.set()
+        watchdog.join()  # before the kills, which it would take for a writer dying and report
+        kill_children_since(before)
+        _free_shared_memory(writer)
         if not failed:
             raise
-        for p in multiprocessing.active_children():
-            p.terminate()
         raise UserError(f"conversion of {index.root} stopped: {failed[0]}") from None
     except OSError as e:  # disk full, permissions, a path the OS refuses: the user can fix these
         where = f" ({e.filename})" if e.filename else ""
@@ -192,6 +201,18 @@ def convert_image_folder(src, out, *, max_resolution: int | None = None, jpeg_qu
         stop.set()
         tmp.unlink(missing_ok=True)
     return ConvertSummary(out, len(samples), len(index.classes), out.stat().st_size, skipped)
+
+
+def _free_shared_memory(writer) -> None:
+    # ffcv unlinks its metadata segment only when the writer finishes; otherwise the resource tracker warns of a
+    # leak at exit.
+    segment = getattr(writer, "metadata_sm", None)
+    if isinstance(segment, shared_memory.SharedMemory):
+        segment.close()
+        try:
+            segment.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def open_beton(path):

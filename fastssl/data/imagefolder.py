@@ -1,24 +1,29 @@
 """Reading an ImageFolder (ROOT/<class>/<image>): the index every backend and converter starts from.
 
 Semantics follow torchvision's `ImageFolder` so a dataset that works there works here: classes are the
-sorted sub-folder names, files are found recursively and kept by extension (case-insensitive), images are
-decoded with PIL and converted with `convert("RGB")`. Unlike torchvision, every problem a user can fix
-(missing root, empty class, corrupt file) is a one-line `UserError` naming the path.
+sorted sub-folder names, files are found recursively and kept by torchvision's extensions (case-insensitive),
+images are decoded with PIL and converted with `convert("RGB")`. Two differences: 16-bit greyscale keeps its
+top 8 bits, as DALI's decoder does (PIL's convert clips it at 255, turning almost every pixel white), and
+every problem a user can fix (missing root, empty class, corrupt file) is a one-line `UserError` naming the path.
 """
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from fastssl.data.workers import worker_pool
 from fastssl.errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# torchvision.datasets.folder.IMG_EXTENSIONS; DALI's CPU decoder reads all of them (the converters re-encode
+# every non-JPEG as JPEG anyway).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# PIL's modes for 16-bit greyscale ("I": how some PIL versions and formats open it, values 0..65535).
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 # What PIL raises on bad bytes: OSError for truncated/unidentified data, SyntaxError and ValueError from
 # some format parsers, DecompressionBombError for absurd sizes. Anything else is a bug and keeps its traceback.
@@ -84,17 +89,26 @@ def as_index(folder: str | os.PathLike | ImageFolderIndex) -> ImageFolderIndex:
     return folder if isinstance(folder, ImageFolderIndex) else scan_image_folder(folder)
 
 
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """H x W x 3 uint8 RGB of a loaded PIL image: `convert("RGB")`, but 16-bit greyscale keeps its top 8 bits."""
+    if img.mode in _WIDE_GREY_MODES:
+        # >> 8 rather than / 257: bit-identical to what DALI's decoders give for the same file.
+        grey = (np.clip(np.asarray(img), 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
 def _decode(path: str) -> np.ndarray:
     # `load()` forces the full decode: `open()` only reads the header, so a truncated JPEG would pass it.
     # ImageFile.LOAD_TRUNCATED_IMAGES is left at PIL's default (False) so missing bytes raise instead of
     # being filled with grey.
     with Image.open(path) as img:
         img.load()
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        return to_rgb(img)
 
 
 def load_rgb(path: str) -> np.ndarray:
-    """Decode one image fully to H x W x 3 uint8 RGB (L, LA, RGBA, CMYK, P ... converted by PIL)."""
+    """Decode one image fully to H x W x 3 uint8 RGB (L, LA, RGBA, CMYK, P ... converted by PIL; see to_rgb)."""
     try:
         return _decode(path)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
@@ -123,5 +137,5 @@ def check_images(index: ImageFolderIndex, workers: int = 1) -> list[tuple[str, s
     # Decoding is CPU-bound and PIL holds the GIL for parts of it, so processes rather than threads;
     # large chunks keep the pickling overhead per image small.
     chunk = max(1, min(256, len(paths) // (workers * 4)))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with worker_pool(workers) as pool:
         return [r for r in pool.map(_problem, paths, chunksize=chunk) if r is not None]

@@ -23,14 +23,14 @@ import io
 import json
 import os
 import tarfile
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from fastssl.data.imagefolder import scan_image_folder
+from fastssl.data.imagefolder import scan_image_folder, to_rgb
+from fastssl.data.workers import worker_pool
 from fastssl.fileio import build_in_place, check_creatable, clean_up_killed_builds
 from fastssl.errors import UserError
 
@@ -88,7 +88,7 @@ def _jpeg_bytes(path: str) -> tuple[bytes, int, int, bool]:
             return data, height, width, False
         # Other formats, and CMYK/YCCK JPEGs that GPU decoders handle inconsistently, become RGB JPEGs.
         buf = io.BytesIO()
-        img.convert("RGB").save(buf, format="JPEG", quality=_REENCODE_QUALITY)
+        Image.fromarray(to_rgb(img)).save(buf, format="JPEG", quality=_REENCODE_QUALITY)
         return buf.getvalue(), height, width, True
 
 
@@ -180,7 +180,7 @@ def convert_image_folder(src: str | os.PathLike, out_dir: str | os.PathLike, sha
         if workers == 1 or len(jobs) == 1:
             results = [_write_shard(j) for j in jobs]
         else:
-            with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+            with worker_pool(min(workers, len(jobs))) as pool:
                 results = list(pool.map(_write_shard, jobs))
         summary = _finish(tmp, out, index.root, index.classes, results)
     return summary
