@@ -18,15 +18,20 @@ LOSS_N=${LOSS_N:-8192,32768,131072,262144}
 BATCH=${BATCH:-1024}            # global = per-GPU batch here: one process
 SIZE=${SIZE:-224}
 SRC_SIZE=${SRC_SIZE:-320}       # side of the generated JPEGs the 224 px views are cut from
-PER_CLASS=${PER_CLASS:-150}     # per class and generator: 10 classes x GENERATORS x PER_CLASS images
-GENERATORS=${GENERATORS:-8}     # drawn in parallel (seeds 0..), merged: 12,000 images = 11 batches of 1024
+PER_CLASS=${PER_CLASS:-1000}    # per class and generator: 10 classes x GENERATORS x PER_CLASS images
+GENERATORS=${GENERATORS:-8}     # drawn in parallel (seeds 0..), merged: 80,000 images = 78 batches of 1024
 WORKERS=${WORKERS:-8}           # the goal: at most 8 CPU cores per GPU
-STEPS=${STEPS:-8}
+STEPS=${STEPS:-8}               # bench model: no loader, nothing prepared ahead
 WARMUP=${WARMUP:-3}
+# bench step and loader: 8 workers x 2 batches each are prepared before the first is asked for. The warm-up
+# takes at least that queue (bench's warmup_for) and the timed window must be several times longer, or it
+# times batches made before it opened (the first step figures, 8 timed steps, measured only the main process).
+LOADER_STEPS=${LOADER_STEPS:-60}  # 16 / 60: at most 27% pre-made; 16 + 60 steps fit one epoch of 78
+LOADER_WARMUP=${LOADER_WARMUP:-16}
 LARGEST=${LARGEST:-1536}        # model_largest: batch tried; below LARGEST_MIN it is "does not fit"
 LARGEST_MIN=${LARGEST_MIN:-1024}  # (1024 is measured by model_r50: R50 peaked at 87 of 140 GiB on an H200)
 BIG_SIZE=${BIG_SIZE:-448}       # loader_gpu: JPEG side, ImageNet's average pixel count (~500 x 375)
-BIG_PER_CLASS=${BIG_PER_CLASS:-50}  # per class and generator (16 of them): 8,000 images, one epoch per row
+BIG_PER_CLASS=${BIG_PER_CLASS:-50}  # per class and generator (16 of them): 8,000 images, 15 batches of 512
 LOADER_BATCH=${LOADER_BATCH:-512}
 PARTS=${PARTS:-"loss triton_tests model_r50 step_r50 step_vits loader demo"}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -107,17 +112,18 @@ part model_largest_r50 180 $PY tools/bench.py model --device "$DEVICE" --recipe 
 part model_largest_vits 180 $PY tools/bench.py model --device "$DEVICE" --recipe recipes/mocov3_vit_small_in1k.yaml \
     --batch "$LARGEST" --min-batch "$LARGEST_MIN" --compile false,true --steps "$STEPS" --warmup "$WARMUP" \
     --json "$W/model_vits_largest.json"
-part step_compiled 200 $PY tools/bench.py step --device "$DEVICE" --recipe recipes/simclr_resnet50_in1k.yaml \
-    --batch "$BATCH" --workers "$WORKERS" --backend torch --steps "$STEPS" --warmup "$WARMUP" \
+part step_compiled 300 $PY tools/bench.py step --device "$DEVICE" --recipe recipes/simclr_resnet50_in1k.yaml \
+    --batch "$BATCH" --workers "$WORKERS" --backend torch --steps "$LOADER_STEPS" --warmup "$LOADER_WARMUP" \
     data.path="$DATA/train" data.image_size="$SIZE" model.compile=true --json "$W/step_r50_compiled.json"
-part step_r50 100 $PY tools/bench.py step --device "$DEVICE" --recipe recipes/simclr_resnet50_in1k.yaml \
-    --batch "$BATCH" --workers "$WORKERS" --backend torch --steps "$STEPS" --warmup "$WARMUP" \
+part step_r50 200 $PY tools/bench.py step --device "$DEVICE" --recipe recipes/simclr_resnet50_in1k.yaml \
+    --batch "$BATCH" --workers "$WORKERS" --backend torch --steps "$LOADER_STEPS" --warmup "$LOADER_WARMUP" \
     data.path="$DATA/train" data.image_size="$SIZE" model.compile=false --json "$W/step_r50.json"
-part step_vits 100 $PY tools/bench.py step --device "$DEVICE" --recipe recipes/mocov3_vit_small_in1k.yaml \
-    --batch "$BATCH" --workers "$WORKERS" --backend torch --steps "$STEPS" --warmup "$WARMUP" \
+part step_vits 200 $PY tools/bench.py step --device "$DEVICE" --recipe recipes/mocov3_vit_small_in1k.yaml \
+    --batch "$BATCH" --workers "$WORKERS" --backend torch --steps "$LOADER_STEPS" --warmup "$LOADER_WARMUP" \
     data.path="$DATA/train" data.image_size="$SIZE" model.compile=false --json "$W/step_vits.json"
 part loader 60 $PY tools/bench.py loader --device "$DEVICE" --data "$DATA/train" --backend torch,pil \
-    --size "$SIZE" --batch 256 --workers "$WORKERS" --batches 10 --warmup 2 --json "$W/loader.json" \
+    --size "$SIZE" --batch 256 --workers "$WORKERS" --batches "$LOADER_STEPS" --warmup "$LOADER_WARMUP" \
+    --json "$W/loader.json" \
     --plot "$W/loader.png"
 # Issues 5 and 6: DALI's mixed (nvJPEG / hardware) decode and FFCV against the torch backend on JPEGs of
 # ImageNet's pixel count, one decode per image, both views made on the GPU; then the GPU-only DALI test.
@@ -127,7 +133,7 @@ fi
 # One row per backend and process, so one backend's failure keeps the others' figures; the torch row before the
 # bundle's libraries join the loader path; the .beton written before any process holds a CUDA context.
 LOADER_ARGS="--device $DEVICE --data ${BIG:-none}/train --size $SIZE --batch $LOADER_BATCH --workers $WORKERS \
-    --batches 12 --warmup 3"
+    --batches $LOADER_STEPS --warmup $LOADER_WARMUP"
 part loader_gpu 420 bash -c "$PY tools/bench.py loader --backend torch $LOADER_ARGS --json $W/loader_gpu_torch.json; \
     . .ci/device_unpack.sh; $PY tools/convert_ffcv.py ${BIG:-none}/train ${BIG:-none}.beton --workers 16 --overwrite; \
     $PY tools/bench.py loader --backend dali $LOADER_ARGS --json $W/loader_gpu_dali.json; \

@@ -39,6 +39,10 @@ class ViewLoader(Protocol):
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...  # start_batch: resume mid-epoch
 
+    # The most batches the loader prepares before they are asked for (its prefetch queue): a benchmark window
+    # of fewer batches than a few times this partly times batches made before it started.
+    batches_ahead: int
+
 
 # name -> builder(data_cfg: DataConfig, spec: AugmentSpec, ctx: LoaderContext) -> ViewLoader
 BACKENDS: Registry = Registry("data backend")

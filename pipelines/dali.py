@@ -100,6 +100,7 @@ class DaliViewLoader:
         self._feeder = _Feeder(source, spec, ctx, global_batch, drop_last, graph.pack_view_params)
         self._running = False
         self._iteration = 0  # which __iter__ generator owns the pipeline
+        self.batches_ahead = prefetch_queue_depth
         device_id = None
         if dali_device == "gpu":
             device_id = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()

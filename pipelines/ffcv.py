@@ -84,6 +84,7 @@ class FFCVViewLoader:
         self.loader = Loader(self.path, batch_size=batch_size // ctx.num_processes, num_workers=self.workers,
                              os_cache=os_cache, order=OrderOption.SEQUENTIAL, seed=ctx.seed, drop_last=False,
                              batches_ahead=batches_ahead, pipelines=pipelines)
+        self.batches_ahead = batches_ahead
         self._outputs = list(self.loader.pipeline_specs)  # ffcv returns one array per spec, in this order
         torch.set_num_threads(torch_threads)  # ffcv sets torch's thread count to its worker count
         self._ffcv_order = {"random": Random, "quasi_random": QuasiRandom, "sequential": Sequential,

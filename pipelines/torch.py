@@ -118,6 +118,9 @@ class _BatchRequests(Sampler):
         return steps_per_epoch(self.num_samples, self.global_batch, self.drop_last) - self.start
 
 
+PREFETCH_FACTOR = 2  # batches each worker prepares ahead (DataLoader's default, named: benchmarks read it)
+
+
 def _as_is(batch):
     return batch
 
@@ -136,7 +139,9 @@ class TorchViewLoader:
         self._loader = DataLoader(_ViewRegions(index, spec, ctx.seed, ctx.process_index), sampler=self._requests,
                                   batch_size=None, collate_fn=_as_is, num_workers=workers,
                                   pin_memory=aug_device.type == "cuda", persistent_workers=workers > 0,
-                                  worker_init_fn=ignore_in_workers, generator=torch.Generator().manual_seed(ctx.seed))
+                                  worker_init_fn=ignore_in_workers, generator=torch.Generator().manual_seed(ctx.seed),
+                                  prefetch_factor=PREFETCH_FACTOR if workers else None)
+        self.batches_ahead = workers * PREFETCH_FACTOR
 
     def __len__(self) -> int:
         return self._steps

@@ -66,6 +66,10 @@ def test_loader_bench_writes_record_table_and_plot(folder, tmp_path):
     assert set(rows) == {("torch", 0), ("torch", 1), ("pil", 0), ("pil", 1)}
     for r in rows.values():
         assert r["skipped"] is None and r["batch"] == 8 and r["batches"] == 2 and r["image_size"] == 16
+        # Each DataLoader worker prepares 2 batches ahead: the warm-up takes at least that queue, and the share
+        # of the 2 timed batches that could have been made before the window is reported, not hidden.
+        assert r["batches_ahead"] == 2 * r["workers"] and r["warmup"] == max(1, 2 * r["workers"])
+        assert r["premade_share"] == min(1.0, 2 * r["workers"] / 2)
         # Two views per image; ms/batch = 1000 * wall / batches and views/s = batches * 8 * 2 / wall, so their
         # product is 1000 * 16 whatever the timing.
         assert r["views_per_s"] == pytest.approx(2 * r["images_per_s"], rel=1e-12)
@@ -337,6 +341,7 @@ def test_step_bench_end_to_end(folder, tmp_path):
     assert row["data_wait_fraction"] == pytest.approx(row["data_wait_s"] / row["wall_s"], rel=1e-12)
     assert row["compute_share"] == pytest.approx(row["compute_s"] / row["wall_s"], rel=1e-12)
     assert row["images_per_s"] == pytest.approx(8 * 2 / row["wall_s"], rel=1e-12)
+    assert row["batches_ahead"] == 0 and row["warmup"] == 1 and row["premade_share"] == 0.0  # no workers, no queue
     assert 0 <= row["data_wait_s"] and row["data_wait_s"] + row["compute_s"] <= row["wall_s"] * (1 + 1e-9)
     assert png.read_bytes()[:8] == PNG_MAGIC
 

@@ -261,3 +261,33 @@ def test_loaders_leave_torchs_global_generator_alone(folder, workers):
     for loader in (train, evaluation, train):
         next(iter(loader))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batches_ahead_is_what_the_loader_requests_before_the_first_batch_is_taken(folder, workers):
+    # The oracle is the sampler: it hands out one request per batch, so the requests issued while no batch has
+    # been consumed are the batches being prepared ahead. Benchmarks size their warm-up and report their
+    # pre-made share from this number.
+    import time
+
+    loader = loader_for(folder, batch=4, workers=workers)
+    requests = loader._requests
+    issued = []
+    real_iter = type(requests).__iter__
+
+    def counting(self):
+        for r in real_iter(self):
+            issued.append(r[1])
+            yield r
+
+    type(requests).__iter__ = counting
+    try:
+        it = iter(loader._loader)  # the DataLoader's iterator: it sends its requests when it starts
+        deadline = time.time() + 20
+        while len(issued) < loader.batches_ahead and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # had it requested more, they would have been issued by now
+        assert len(issued) == loader.batches_ahead == workers * torch_backend.PREFETCH_FACTOR
+        next(it)
+    finally:
+        type(requests).__iter__ = real_iter

@@ -22,6 +22,7 @@ from fastssl.errors import UserError
 
 from pipelines.augment import AugmentSpec, ViewSpec
 from pipelines.base import ViewBatch, steps_per_epoch
+from pipelines.torch import PREFETCH_FACTOR
 
 
 def view_transform(view: ViewSpec, size: int, mean, std):
@@ -77,8 +78,10 @@ class BaselineLoader:
         self._generator = torch.Generator().manual_seed(seed)
         self._loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                                   num_workers=workers, generator=self._generator,
-                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                  prefetch_factor=PREFETCH_FACTOR if workers else None)
         self._seed = seed
+        self.batches_ahead = workers * PREFETCH_FACTOR
 
     def __len__(self) -> int:
         return steps_per_epoch(len(self.dataset), self.batch_size, True)

@@ -138,6 +138,17 @@ def endless(loader: ViewLoader):
         epoch += 1
 
 
+def premade_share(batches_ahead: int, timed: int) -> float:
+    """At most this share of `timed` batches can have been prepared before the timed window opened: the loader's
+    queue may be full then. Above ~0.25 the window's rate can overstate the loader's own by more than 1/(1 - it)."""
+    return min(1.0, batches_ahead / timed)
+
+
+def warmup_for(loader: ViewLoader, requested: int) -> int:
+    """Untimed batches: at least the loader's queue, which is full before the first one is asked for."""
+    return max(requested, loader.batches_ahead)
+
+
 def measure(loader: ViewLoader, batches: int, warmup: int, device: torch.device) -> tuple[int, int, WindowFigures]:
     """(images, views, window) over `batches` batches after `warmup` untimed ones."""
     it = endless(loader)
@@ -170,12 +181,17 @@ class LoaderFigures:
     cores_busy: float | None
     views_per_core_s: float | None  # views/s per busy core
     machine_cpu_percent: float | None
+    batches_ahead: int | None = None  # the loader's prefetch queue
+    warmup: int | None = None  # untimed batches run (warmup_for)
+    premade_share: float | None = None  # premade_share(batches_ahead, batches)
     skipped: str | None = None
 
 
 def bench_loader(backend: str, path: str, spec: AugmentSpec, batch: int, workers: int, ctx: LoaderContext,
                  batches: int, warmup: int) -> LoaderFigures:
     loader = build_view_loader(backend, path, spec, batch, workers, ctx)
+    ahead = loader.batches_ahead
+    warmup = warmup_for(loader, warmup)
     try:
         images, views, w = measure(loader, batches, warmup, ctx.device)
     finally:
@@ -183,7 +199,8 @@ def bench_loader(backend: str, path: str, spec: AugmentSpec, batch: int, workers
         gc.collect()  # shuts the DataLoader workers down before the next row starts its own
     return LoaderFigures(backend, batch, workers, spec.size, batches, images / w.wall_s, views / w.wall_s,
                          1000.0 * w.wall_s / batches, w.cores_busy,
-                         views / w.wall_s / w.cores_busy if w.cores_busy > 0 else None, w.machine_cpu_percent)
+                         views / w.wall_s / w.cores_busy if w.cores_busy > 0 else None, w.machine_cpu_percent,
+                         ahead, warmup, premade_share(ahead, batches))
 
 
 def add_arguments(p) -> None:
@@ -236,14 +253,18 @@ COLUMNS = (Column("backend", "backend", justify="left"), Column("image_size", "p
            Column("views_per_s", "views/s", "{:.0f}"), Column("images_per_s", "pairs/s", "{:.0f}"),
            Column("ms_per_batch", "ms/batch", "{:.0f}"), Column("cores_busy", "cores busy", "{:.2f}"),
            Column("views_per_core_s", "views/s/core", "{:.0f}"),
-           Column("machine_cpu_percent", "machine CPU %", "{:.0f}"), Column("skipped", "skipped", justify="left"))
+           Column("machine_cpu_percent", "machine CPU %", "{:.0f}"), Column("premade_share", "pre-made <=", "{:.0%}"),
+           Column("skipped", "skipped", justify="left"))
+
+PREMADE_CAPTION = ("pre-made <= : the loader's queue over the timed batches, the most of them it can have prepared "
+                   "before the window opened; above 25% the rate can overstate the loader's own (time more batches)")
 
 
 def show(record: BenchRecord) -> None:
     c = record.config
     print_table(f"bench loader: {c['augment']} views to {c['device']} on {record.device}", COLUMNS, record.figures,
                 caption="views/s after warm-up, device-synchronised; cores busy = CPU-seconds of the process tree "
-                        "per second.\nworkers: "
+                        "per second.\n" + PREMADE_CAPTION + "\nworkers: "
                         + "; ".join(f"{k}: {v}" for k, v in c["workers_meaning"].items() if k in c["backends"]),
                 console=console())
 

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fastssl.bench.loader import BACKENDS as LOADER_BACKENDS
-from fastssl.bench.loader import Inputs, endless, fork_first, select_backends
+from fastssl.bench.loader import (PREMADE_CAPTION, Inputs, endless, fork_first, premade_share, select_backends,
+                                  warmup_for)
 from fastssl.bench.model import ModelFigures, add_training_arguments, bench_model, config_for, resolve_training
 from fastssl.bench.record import BenchRecord, Column, Panel, describe_device, new_record, print_table, save_plot
 from fastssl.bench.sweep import console, grid, note, parse_list, with_oom_backoff
@@ -118,6 +119,9 @@ class StepFigures:
     machine_cpu_percent: float
     model_cores_busy: float  # the `model` window's: the ratio compares like with like only when these agree
     model_machine_cpu_percent: float
+    batches_ahead: int  # the loader's prefetch queue
+    warmup: int  # untimed steps run (loader.warmup_for)
+    premade_share: float  # loader.premade_share(batches_ahead, steps)
 
 
 def bench_step(cfg: Config, accelerator, steps: int, warmup: int, model: ModelFigures) -> StepFigures:
@@ -127,6 +131,8 @@ def bench_step(cfg: Config, accelerator, steps: int, warmup: int, model: ModelFi
     loader = build_loader(cfg.data, spec, ctx)
     step = TrainingStep(cfg, accelerator)
     batches = endless(loader)
+    ahead = loader.batches_ahead
+    warmup = warmup_for(loader, warmup)
     try:
         times, w = time_steps(batches, step, steps, warmup, device)
     finally:
@@ -143,7 +149,8 @@ def bench_step(cfg: Config, accelerator, steps: int, warmup: int, model: ModelFi
         data_wait_fraction=data_wait_fraction(times.data_wait_s, times.wall_s),
         compute_share=compute_share(times.compute_s, times.wall_s), cores_busy=w.cores_busy,
         machine_cpu_percent=w.machine_cpu_percent, model_cores_busy=model.cores_busy,
-        model_machine_cpu_percent=model.machine_cpu_percent)
+        model_machine_cpu_percent=model.machine_cpu_percent, batches_ahead=ahead, warmup=warmup,
+        premade_share=premade_share(ahead, steps))
 
 
 def add_arguments(p) -> None:
@@ -195,14 +202,14 @@ COLUMNS = (Column("backend", "backend", justify="left"), Column("workers", "work
            Column("input_bound_ratio", "ratio", "{:.3f}"), Column("data_wait_fraction", "data wait", "{:.1%}"),
            Column("compute_share", "compute", "{:.1%}"), Column("wall_s", "wall s", "{:.2f}"),
            Column("cores_busy", "cores busy", "{:.2f}"), Column("model_cores_busy", "model cores", "{:.2f}"),
-           Column("machine_cpu_percent", "machine CPU %", "{:.0f}"))
+           Column("machine_cpu_percent", "machine CPU %", "{:.0f}"), Column("premade_share", "pre-made <=", "{:.0%}"))
 
 
 def show(record: BenchRecord) -> None:
     c = record.config
     caption = ("ratio = step images/s / model images/s (no I/O): 1.0 = compute-bound. data wait / compute = "
                "shares of the step's wall time blocked fetching the next batch / in the step.\nOn a shared CPU the "
-               "ratio compares two windows: trust it when cores busy and model cores agree.")
+               "ratio compares two windows: trust it when cores busy and model cores agree.\n" + PREMADE_CAPTION)
     if c["skipped"]:
         caption += "\nskipped: " + "; ".join(f"{k}: {v}" for k, v in c["skipped"].items())
     print_table(f"bench step: {c['recipe']} on {record.device}", COLUMNS, record.figures, caption=caption,
