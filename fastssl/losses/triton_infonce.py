@@ -16,7 +16,7 @@ matmul precision setting, like the naive impl's matmul: "highest" (torch's defau
 (`input_precision="tf32x3"`: each operand split into a tf32 head and tail, three tensor-core products; a
 product errs by at most ~3 * 2^-22 relative where fp32 rounds to 2^-24, within the fp32 tolerances the oracle
 tests hold it to on a GPU), otherwise plain tf32. Triton's exact "ieee" fp32 dot runs on the FMA units and
-measured 36-41x slower than cuBLAS's SGEMM on an H200, so it is not used. The similarity is scaled and masked
+measured 36-42x slower than cuBLAS's SGEMM on an H200, so it is not used. The similarity is scaled and masked
 in fp32.
 
 On a CPU the kernels run in Triton's interpreter when TRITON_INTERPRET=1 is set before triton is first
