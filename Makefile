@@ -8,9 +8,15 @@ DATA ?= data/synthetic
 RECIPE ?= recipes/simclr_resnet18_synthetic.yaml
 PYTEST_ARGS ?=
 
-.PHONY: venv extras demo test test-fast clean
+.PHONY: venv extras demo test test-fast clean FORCE
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# The TORCH_SPEC the venv was built with: a different one (make test TORCH_SPEC=...) rebuilds it, instead of
+# silently testing the torch installed before.
+$(VENV)/.torch-spec: FORCE
+	@mkdir -p $(VENV)
+	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
+
+$(VENV)/.installed: setup.cfg pyproject.toml $(VENV)/.torch-spec
 	@if [ -z "$(TORCH_SPEC)" ]; then $(PYTHON) -m venv --system-site-packages $(VENV); else $(PYTHON) -m venv $(VENV); fi
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q $(TORCH_SPEC); fi

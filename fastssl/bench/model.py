@@ -31,8 +31,8 @@ from pipelines.base import ViewBatch
 
 # The demo's, found from the checkout rather than the current folder (the other tools take no default path).
 DEFAULT_RECIPE = str(Path(__file__).resolve().parents[2] / "recipes/simclr_resnet18_synthetic.yaml")
-# On a CPU the demo's step (ResNet-18, 64 px, CIFAR stem) costs ~27 GFLOP per image: batch 32 and 3 steps
-# keep one configuration near a minute on 2 cores. On a GPU the recipe's batch and enough steps to average.
+# On a CPU the demo's step (ResNet-18, 32 px, ImageNet stem) costs ~0.44 GFLOP per image: batch 32 and 3 steps
+# keep one configuration to seconds on 2 cores. On a GPU the recipe's batch and enough steps to average.
 CPU_DEFAULTS = dict(batch=32, steps=3, warmup=1)
 GPU_DEFAULTS = dict(steps=20, warmup=5)
 
