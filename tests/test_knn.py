@@ -54,13 +54,18 @@ def _numpy_topk(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     return 100 * np.mean(order[:, 0] == labels), 100 * np.mean([y in o[:5] for y, o in zip(labels, order)])
 
 
+def _twelve_clusters(seed: int, n_train: int, n_val: int):
+    """12 overlapping Gaussian clusters in 16-d: features (train, val) and labels (train, val)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(12, 16))
+    ytr, yva = rng.integers(0, 12, n_train), rng.integers(0, 12, n_val)
+    return centers[ytr] + 2.0 * rng.normal(size=(n_train, 16)), centers[yva] + 2.0 * rng.normal(size=(n_val, 16)), \
+        ytr, yva
+
+
 def test_knn_top5_with_twelve_classes_matches_numpy():
     # With <= 5 classes top-5 is always 100%; 12 overlapping clusters make it an informative number.
-    rng = np.random.default_rng(2)
-    centers = rng.normal(size=(12, 16))
-    ytr, yva = rng.integers(0, 12, 600), rng.integers(0, 12, 150)
-    tr = centers[ytr] + 2.0 * rng.normal(size=(600, 16))
-    va = centers[yva] + 2.0 * rng.normal(size=(150, 16))
+    tr, va, ytr, yva = _twelve_clusters(2, 600, 150)
     want = _numpy_knn(tr, ytr, va, 12, 100, 0.07)
     # Every query's 5th class has votes and beats the 6th by far more than float32 rounding (1e-4 relative), so
     # the top-5 sets depend neither on precision nor on how ties are broken.
@@ -75,11 +80,7 @@ def test_knn_top5_with_twelve_classes_matches_numpy():
 def test_a_class_without_votes_is_never_a_top5_hit():
     # k=3 neighbours vote for at most 3 of 12 classes: the other 9 tie at 0, and counting whichever of them
     # topk lists would add free top-5 hits. Oracle: a query is a top-5 hit exactly when its class got a vote.
-    rng = np.random.default_rng(3)
-    centers = rng.normal(size=(12, 16))
-    ytr, yva = rng.integers(0, 12, 300), rng.integers(0, 12, 200)
-    tr = centers[ytr] + 2.0 * rng.normal(size=(300, 16))
-    va = centers[yva] + 2.0 * rng.normal(size=(200, 16))
+    tr, va, ytr, yva = _twelve_clusters(3, 300, 200)
     want = _numpy_knn(tr, ytr, va, 12, 3, 0.07)
     res = knn_accuracy(torch.tensor(tr), torch.tensor(ytr), torch.tensor(va), torch.tensor(yva), 12, k=3)
     voted = want[np.arange(len(yva)), yva] > 0
