@@ -4,6 +4,7 @@ and binomial statistics for the per-sample application rates."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 
@@ -13,6 +14,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import RandomResizedCrop
 
+from conftest import chi2_critical
 from pipelines import ops
 from pipelines.augment import ViewSpec
 
@@ -181,6 +183,28 @@ def test_view_params_ranges_and_rates():
             assert binomial_ok(int((p.order[:, k] == op).sum()), n, 0.25)
     for mask, prob in [(p.flip, 0.5), (p.jitter, 0.8), (p.gray, 0.2), (p.blur, 0.1), (p.solarize, 0.3)]:
         assert binomial_ok(int(mask.sum()), n, prob)
+
+
+def test_view_params_are_jointly_uniform_and_independent():
+    # The rates and positions above hold one parameter at a time; these hold them together. Oracles: the 24
+    # jitter orders are equally likely (a uniform random permutation, as torchvision's RandomOrder-style
+    # ColorJitter draws it); every pair of yes/no decisions is independent (P(A and B) = pA pB); a blurred view's
+    # sigma is U(lo, hi) whatever decided the blur (KS against numpy's own uniforms).
+    n = 20000
+    view = ViewSpec(flip_p=0.5, jitter_p=0.8, gray_p=0.2, blur_p=0.5, solarize_p=0.3, blur_sigma=(0.1, 2.0))
+    p = ops.sample_view_params(n, view, torch.Generator().manual_seed(1))
+    perms = sorted(set(itertools.permutations(range(4))))
+    code = {perm: i for i, perm in enumerate(perms)}
+    counts = np.bincount([code[tuple(o)] for o in p.order.tolist()], minlength=24)
+    expected = n / 24
+    assert ((counts - expected) ** 2 / expected).sum() < chi2_critical(23)
+    masks = {"flip": (p.flip, 0.5), "jitter": (p.jitter, 0.8), "gray": (p.gray, 0.2), "blur": (p.blur, 0.5),
+             "solarize": (p.solarize, 0.3)}
+    for (a, (ma, pa)), (b, (mb, pb)) in itertools.combinations(masks.items(), 2):
+        assert binomial_ok(int((ma & mb).sum()), n, pa * pb), (a, b)
+    blurred = p.sigma[p.blur].numpy()
+    reference = np.random.default_rng(0).uniform(0.1, 2.0, len(blurred))
+    assert ks_statistic(blurred, reference) < ks_critical(len(blurred), len(reference))
 
 
 def _bilinear_clamped(img: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
