@@ -101,6 +101,18 @@ def test_an_unreadable_encoder_file_is_a_one_line_error_naming_it(tmp_path, kind
     assert "\n" not in msg and f"cannot read checkpoint {str(bad)!r}" in msg and "truncated or corrupt" in msg
 
 
+@pytest.mark.parametrize("content, hint", [({"weights": 1}, False), ({"encoder.conv1.weight": torch.zeros(1)}, True)])
+def test_a_readable_file_that_is_not_an_encoder_checkpoint_says_so(tmp_path, content, hint):
+    # accelerate's pytorch_model.bin (keys "encoder.*") is the likely mix-up: the message points at the step folder.
+    f = tmp_path / "model.pt"
+    torch.save(content, f)
+    with pytest.raises(UserError) as e:
+        load_encoder_checkpoint(f)
+    msg = str(e.value)
+    assert f"{str(f)!r} is not a fastssl encoder checkpoint (expected keys encoder, config)" in msg
+    assert ("it looks like accelerate's training state: pass its step_* folder" in msg) == hint and "\n" not in msg
+
+
 def test_a_bug_inside_torch_load_is_not_reported_as_a_bad_file(tmp_path, monkeypatch):
     _tiny(tmp_path, 1)
 

@@ -108,6 +108,30 @@ def test_out_of_range_values_are_one_line_errors(override, fragment):
     assert fragment in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("recipe, overrides, fragment", [
+    ("simclr_resnet18_synthetic", ["method.temperature=0"], "method.temperature must be > 0, got 0.0"),
+    ("simclr_resnet18_synthetic", ["method.proj_layers=0"], "method.proj_layers must be >= 1, got 0"),
+    ("mocov2_resnet18_synthetic", ["method.temperature=-0.1"], "method.temperature must be > 0, got -0.1"),
+    ("mocov2_resnet18_synthetic", ["method.proj_layers=0"], "method.proj_layers must be >= 1 (1: MoCo v1's linear"),
+    ("mocov3_vit_small_synthetic", ["method.drloc_weight=-1"], "method.drloc_weight must be >= 0 (0 = off), got -1"),
+    ("mocov3_vit_small_synthetic", ["method.drloc_weight=0.1", "method.drloc_pairs=0"],
+     "method.drloc_pairs must be >= 1, got 0"),
+    ("mocov3_vit_small_synthetic", ["model.patch_size=-4"], "model.patch_size must be >= 0 (0: the encoder's own)"),
+    ("mocov3_vit_small_synthetic", ["model.drop_path=1.0"], "model.drop_path must be in [0, 1), got 1.0"),
+    ("mocov3_vit_small_synthetic", ["model.spt_lsa=true", "model.patch_size=1", "model.frozen_patch_embed=false"],
+     "model.spt_lsa=true shifts by half a patch; it needs a patch size >= 2, got 1"),
+])
+def test_method_and_encoder_settings_are_checked_before_any_data(recipe, overrides, fragment):
+    # tools/train.py --print-config runs check_recipe: the method and encoder refuse their own settings there.
+    from fastssl.recipe_checks import check_recipe
+
+    path = ROOT / f"recipes/{recipe}.yaml"
+    check_recipe(load_config(path))  # the recipe itself passes
+    with pytest.raises(UserError) as e:
+        check_recipe(load_config(path, overrides))
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
 def test_no_steps_at_all_is_an_error():
     from fastssl.recipe_checks import check_values
 

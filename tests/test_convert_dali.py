@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import signal
 import tarfile
 import tempfile
@@ -256,6 +257,20 @@ def test_a_shard_gone_after_opening_is_named_and_no_descriptor_is_closed_twice(t
     assert "\n" not in str(e.value)
     # Shard 0 was open and closed once; closing its number again could close another thread's file.
     assert len(closed) == 1
+
+
+def test_a_shard_cut_short_after_opening_names_the_shard(tmp_path):
+    from pipelines.dali_sources import ShardSource
+
+    _folder(tmp_path / "src")
+    convert_image_folder(tmp_path / "src", tmp_path / "out", shard_size=4)
+    source = ShardSource(str(tmp_path / "out"))  # sizes checked against the manifest here
+    tar = tmp_path / "out" / "shard-000001.tar"
+    os.truncate(tar, 1024)  # e.g. a sync of the dataset folder rewriting it under a running job
+    with pytest.raises(UserError, match=r"shard-000001.tar ends before the sample at byte \d+; the shard was "
+                                        r"truncated after conversion: convert again") as e:
+        source.read(np.arange(len(source)))
+    assert "\n" not in str(e.value)
 
 
 def test_verify_detects_a_changed_byte(tmp_path):

@@ -81,6 +81,8 @@ def test_bad_probe_settings_are_user_errors():
                          ({"batch_size": 1}, "batch size")]:
         with pytest.raises(UserError, match=frag):
             train_linear_probe(x, y, 2, **kwargs)
+    with pytest.raises(UserError, match="the linear probe needs at least 2 training images, got 1"):
+        train_linear_probe(x[:1], y[:1], 2)
 
 
 def _colour_folder(root, colours, per_class: int, seed: int):

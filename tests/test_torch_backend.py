@@ -190,39 +190,45 @@ def read_boxes(view: torch.Tensor) -> np.ndarray:
 
 
 def test_crop_statistics_end_to_end_match_torchvision(tmp_path):
+    # Each view against torchvision's get_params with its own settings: the second view's scale and ratio
+    # differ from the first's, so a backend that cut every view with view 0's settings fails.
     sizes = [(48, 64), (90, 40), (64, 64), (40, 80), (72, 90)] * 4
     root = make_folder(tmp_path / "ramp", sizes, fmt="PNG", pixels=ramp)
     index = scan_image_folder(root)
     hw_of = {k: Image.open(p).size[::-1] for k, (p, _) in enumerate(index.samples)}
-    spec = AugmentSpec(16, (NO_OPS, replace(NO_OPS, crop_scale=(0.08, 1.0))), mean=(0, 0, 0), std=(1, 1, 1))
+    settings = [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.5, 1.0), (0.5, 2.0))]
+    views = tuple(replace(NO_OPS, crop_scale=scale, crop_ratio=ratio) for scale, ratio in settings)
+    spec = AugmentSpec(16, views, mean=(0, 0, 0), std=(1, 1, 1))
     loader = loader_for(root, spec=spec, batch=10)
-    boxes, hw = [], []
+    boxes, hw = [[], []], []
     for epoch in range(25):
         loader.set_epoch(epoch)
         for b in loader:
-            for v in b.views:
-                boxes.append(read_boxes(v))
-                hw.extend(hw_of[int(k)] for k in b.indices)
-    boxes, hw = np.concatenate(boxes), np.array(hw, dtype=np.float64)
-    # Read-back boxes are torchvision's integer boxes inside the image (boxes >= 64 px at size 16 went
-    # through the integer pre-shrink, which must not move them).
-    assert np.abs(boxes - np.round(boxes)).max() < 0.05
-    boxes = np.round(boxes)
-    assert np.all(boxes[:, :2] >= 0) and np.all(boxes[:, :2] + boxes[:, 2:] <= hw)
-    assert np.any(boxes[:, 2:].min(1) >= 64)
+            for k, v in enumerate(b.views):
+                boxes[k].append(read_boxes(v))
+            hw.extend(hw_of[int(k)] for k in b.indices)
+    hw = np.array(hw, dtype=np.float64)
     torch.manual_seed(0)
-    ref = np.array([RandomResizedCrop.get_params(torch.empty(1, int(h), int(w)), [0.08, 1.0], [3 / 4, 4 / 3])
-                    for h, w in np.tile(hw, (4, 1))], dtype=np.float64)
-    n, m = len(boxes), len(ref)
-    crit = math.sqrt(-0.5 * math.log(1e-6 / 2)) * math.sqrt((n + m) / (n * m))  # two-sample KS, alpha 1e-6
-    ref_hw = np.tile(hw, (4, 1))
-    for name, f in [("area", lambda b, s: b[:, 2] * b[:, 3] / (s[:, 0] * s[:, 1])),
-                    ("log_aspect", lambda b, s: np.log(b[:, 3] / b[:, 2])),
-                    ("centre_x", lambda b, s: (b[:, 1] + b[:, 3] / 2) / s[:, 1])]:
-        a, r = np.sort(f(boxes, hw)), np.sort(f(ref, ref_hw))
-        grid = np.unique(np.concatenate([a, r]))
-        d = np.abs(np.searchsorted(a, grid, "right") / n - np.searchsorted(r, grid, "right") / m).max()
-        assert d < crit, (name, d, crit)
+    for view_boxes, (scale, ratio) in zip(boxes, settings):
+        view_boxes = np.concatenate(view_boxes)
+        # Read-back boxes are torchvision's integer boxes inside the image (boxes >= 64 px at size 16 went
+        # through the integer pre-shrink, which must not move them).
+        assert np.abs(view_boxes - np.round(view_boxes)).max() < 0.05
+        view_boxes = np.round(view_boxes)
+        assert np.all(view_boxes[:, :2] >= 0) and np.all(view_boxes[:, :2] + view_boxes[:, 2:] <= hw)
+        ref_hw = np.tile(hw, (4, 1))
+        ref = np.array([RandomResizedCrop.get_params(torch.empty(1, int(h), int(w)), list(scale), list(ratio))
+                        for h, w in ref_hw], dtype=np.float64)
+        n, m = len(view_boxes), len(ref)
+        crit = math.sqrt(-0.5 * math.log(1e-6 / 2)) * math.sqrt((n + m) / (n * m))  # two-sample KS, alpha 1e-6
+        for name, f in [("area", lambda b, s: b[:, 2] * b[:, 3] / (s[:, 0] * s[:, 1])),
+                        ("log_aspect", lambda b, s: np.log(b[:, 3] / b[:, 2])),
+                        ("centre_x", lambda b, s: (b[:, 1] + b[:, 3] / 2) / s[:, 1])]:
+            a, r = np.sort(f(view_boxes, hw)), np.sort(f(ref, ref_hw))
+            grid = np.unique(np.concatenate([a, r]))
+            d = np.abs(np.searchsorted(a, grid, "right") / n - np.searchsorted(r, grid, "right") / m).max()
+            assert d < crit, (scale, ratio, name, d, crit)
+    assert np.any(np.concatenate(boxes[0])[:, 2:].min(1) >= 63.5)  # the pre-shrink path ran
 
 
 def test_corrupt_jpeg_stops_with_a_one_line_user_error(folder):
@@ -268,8 +274,6 @@ def test_batches_ahead_is_what_the_loader_requests_before_the_first_batch_is_tak
     # The oracle is the sampler: it hands out one request per batch, so the requests issued while no batch has
     # been consumed are the batches being prepared ahead. Benchmarks size their warm-up and report their
     # pre-made share from this number.
-    import time
-
     loader = loader_for(folder, batch=4, workers=workers)
     requests = loader._requests
     issued = []
@@ -282,12 +286,11 @@ def test_batches_ahead_is_what_the_loader_requests_before_the_first_batch_is_tak
 
     type(requests).__iter__ = counting
     try:
-        it = iter(loader._loader)  # the DataLoader's iterator: it sends its requests when it starts
-        deadline = time.time() + 20
-        while len(issued) < loader.batches_ahead and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)  # had it requested more, they would have been issued by now
+        # The DataLoader's iterator sends its first requests, from this process, before iter() returns; more
+        # go out only as batches are taken.
+        it = iter(loader._loader)
         assert len(issued) == loader.batches_ahead == workers * torch_backend.PREFETCH_FACTOR
         next(it)
+        assert len(issued) == loader.batches_ahead + 1
     finally:
         type(requests).__iter__ = real_iter
