@@ -59,6 +59,16 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_samples)
 
 
+def host_to_device(x, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host array (labels, indices, crop boxes) on `device` without a host sync: a copy from pageable
+    memory first waits for all work queued on the stream; staged through pinned memory it is queued behind it
+    instead (the caching host allocator keeps the staging buffer until the copy has run)."""
+    t = torch.as_tensor(x, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def data_device(choice: str, ctx: LoaderContext) -> torch.device:
     """Where a backend makes the views, from data.device: auto (the training device), cpu, or cuda (which must
     be the training device: views are not moved between GPUs)."""

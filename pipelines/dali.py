@@ -31,7 +31,7 @@ from fastssl.errors import UserError
 from pipelines import ops
 from pipelines.augment import AugmentSpec
 from pipelines.base import (BACKENDS, LoaderContext, ViewBatch, batch_seed, check_dataset_batches, check_global_batch,
-                            check_start_batch, data_device, shard_batches, steps_per_epoch)
+                            check_start_batch, data_device, host_to_device, shard_batches, steps_per_epoch)
 from pipelines.dali_sources import open_source
 
 INSTALL_HINT = ("data.backend=dali needs NVIDIA DALI, which is not installed; install the extra with "
@@ -180,7 +180,7 @@ class DaliViewLoader:
             # A GPU trainer fed by CPU-mode DALI: pinned pages, so the copy overlaps the training step.
             views = tuple((v.pin_memory() if target.type == "cuda" else v).to(target, non_blocking=True)
                           for v in views)
-        return ViewBatch(views, meta[:, 0].to(target), meta[:, 1].to(target))
+        return ViewBatch(views, host_to_device(meta[:, 0], target), host_to_device(meta[:, 1], target))
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
         if self.dali_device == "cpu":

@@ -27,7 +27,8 @@ from fastssl.data.beton import IMAGE_FIELD, LABEL_FIELD, import_ffcv, open_beton
 from fastssl.errors import UserError
 from pipelines.augment import AugmentSpec
 from pipelines.base import (BACKENDS, LoaderContext, ViewBatch, batch_seed, check_dataset_batches, check_global_batch,
-                            check_start_batch, data_device, epoch_order, shard_order, steps_per_epoch)
+                            check_start_batch, data_device, epoch_order, host_to_device, shard_order,
+                            steps_per_epoch)
 from pipelines.ops import make_view, sample_crop_boxes
 
 ORDERS = ("shared", "random", "quasi_random", "sequential")
@@ -180,10 +181,11 @@ class FFCVViewLoader:
                                                                                  self.view_regions[v])
             rel = self.view_boxes[idx, v].copy()
             rel[:, :2] -= table[idx, :2]
-            views.append(make_view(images, torch.from_numpy(rel), view, s.size, s.mean, s.std, g))
+            views.append(make_view(images, host_to_device(rel, self.device, torch.float32), view, s.size, s.mean,
+                                   s.std, g))
         views = tuple(views)
-        return ViewBatch(views=views, labels=torch.from_numpy(labels).to(self.device),
-                         indices=torch.from_numpy(idx).to(self.device))
+        return ViewBatch(views=views, labels=host_to_device(labels, self.device),
+                         indices=host_to_device(idx, self.device))
 
 
 def _next_batch(epoch_iterator):

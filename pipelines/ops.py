@@ -11,6 +11,7 @@ call `make_view` after their own decode.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -85,6 +86,14 @@ class ViewParams:
     solarize: torch.Tensor  # bool
 
 
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small constant on `device`, made once (callers never write to it). torch.tensor(list, device=cuda)
+    copies from pageable memory, which first waits for all work queued on the stream: a host sync per call,
+    ten per training step, that would stop the CPU from running ahead of the GPU."""
+    return torch.tensor(values, device=device, dtype=dtype)
+
+
 def sample_view_params(n: int, view: ViewSpec, generator: torch.Generator, device=None) -> ViewParams:
     """Draw every parameter of a view; the same draws happen whatever the probabilities, so changing one
     probability in a spec never changes the other operations' draws."""
@@ -92,8 +101,8 @@ def sample_view_params(n: int, view: ViewSpec, generator: torch.Generator, devic
     u = u.to(device) if device is not None else u
     lo = [max(0.0, 1.0 - s) for s in (view.brightness, view.contrast, view.saturation)] + [-view.hue]
     hi = [1.0 + s for s in (view.brightness, view.contrast, view.saturation)] + [view.hue]
-    lo_t = torch.tensor(lo, device=u.device)
-    hi_t = torch.tensor(hi, device=u.device)
+    lo_t = _constant(tuple(lo), u.device, torch.float32)
+    hi_t = _constant(tuple(hi), u.device, torch.float32)
     return ViewParams(
         flip=u[:, 0] < view.flip_p,
         jitter=u[:, 1] < view.jitter_p,
@@ -213,7 +222,7 @@ def color_jitter(x: torch.Tensor, params: ViewParams, view: ViewSpec) -> torch.T
     each of the 4 positions costs one blend for the whole batch (factor 1, an exact identity, for samples
     whose op there is hue or that skip jitter) plus one masked hue rotation.
     """
-    identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=x.device)
+    identity = _constant((1.0, 1.0, 1.0, 0.0), x.device, torch.float32)
     factors = torch.where(params.jitter[:, None], params.factors, identity)
     for k in range(4):
         op = params.order[:, k]
@@ -250,8 +259,8 @@ def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).reshape(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).reshape(1, -1, 1, 1)
+    m = _constant(tuple(mean), x.device, x.dtype).reshape(1, -1, 1, 1)
+    s = _constant(tuple(std), x.device, x.dtype).reshape(1, -1, 1, 1)
     return (x - m) / s
 
 
