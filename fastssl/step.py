@@ -44,13 +44,23 @@ def split_batch(batch: ViewBatch, parts: int) -> list[ViewBatch]:
             for i in range(parts)]
 
 
+def ddp_options():
+    """DDP as the loop wants it. Every trainable parameter gets a gradient each step (the momentum copies are
+    frozen), so no find_unused_parameters graph walk. No buffer broadcast before each forward: BN statistics
+    are already global where the method wants them (global BN) and only rank 0's are saved, and MoCo v2's
+    65,536-key queue is the same on every rank by construction; broadcasting them cost a collective on the
+    critical path of every step. Gradients as views of DDP's buckets: no second copy of every gradient."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
+
+
 def make_accelerator(cfg: Config):
-    """The loop's Accelerator: precision from the recipe, the CPU when torch sees no GPU. DDP runs with its
-    defaults: every trainable parameter gets a gradient each step (the momentum copies are frozen, so no
-    find_unused_parameters graph walk)."""
+    """The loop's Accelerator: precision from the recipe, the CPU when torch sees no GPU, DDP's ddp_options."""
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision=resolve_precision(cfg.train.precision), cpu=not torch.cuda.is_available())
+    return Accelerator(mixed_precision=resolve_precision(cfg.train.precision), cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[ddp_options()])
 
 
 def build_training_method(cfg: Config, device: torch.device):

@@ -60,7 +60,8 @@ def main(out: str, method_name: str, reduction: str = "ddp") -> None:
     loss = step_logs(acc, out_)["loss"]  # what the trainer logs
     if acc.is_main_process:
         state = {k: v.detach().clone() for k, v in acc.unwrap_model(method).state_dict().items()}
-        torch.save({"loss": loss, "state": state, "world": w}, out)
+        ddp = {k: getattr(method, k) for k in ("broadcast_buffers", "gradient_as_bucket_view")} if w > 1 else {}
+        torch.save({"loss": loss, "state": state, "world": w, "ddp": ddp}, out)
     acc.wait_for_everyone()
 
 

@@ -60,6 +60,9 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(method, tmp_p
         results[world] = torch.load(out, weights_only=True)
     one, two = results[1], results[2]
     assert two["world"] == 2
+    # The trainer's DDP: no buffer broadcast before each forward, gradients as views of its buckets; the
+    # equality below is with those options.
+    assert two["ddp"] == {"broadcast_buffers": False, "gradient_as_bucket_view": True}
     torch.testing.assert_close(two["loss"], one["loss"], rtol=1e-5, atol=1e-6)
     assert one["state"].keys() == two["state"].keys()
     moved = 0
