@@ -54,11 +54,33 @@ def shuffled_forward(module: nn.Module, x: torch.Tensor, splits: int,
     processes each one splits its shuffled share into max(1, splits // P) groups.
     """
     rank, size = rank_and_world()
-    x_all = gather(x)
-    perm = shuffle_order(x_all.shape[0], x.device, generator)
-    mine = perm.view(size, -1)[rank]
+    n = x.shape[0]
+    perm = shuffle_order(n * size, x.device, generator)
     groups = max(1, splits // size)
-    out = torch.cat([module(chunk) for chunk in x_all[mine].chunk(groups)])
-    out_all = gather(out)  # row j is sample perm[j] of the global batch
-    # Our samples are global rows rank*N ... rank*N + N - 1; argsort(perm) says where each one went.
-    return out_all[torch.argsort(perm).view(size, -1)[rank]]
+    if size == 1:
+        out = torch.cat([module(chunk) for chunk in x[perm].chunk(groups)])
+        return unshuffle(out, perm)
+    # Process r encodes global samples perm[r*n:(r+1)*n]. Each process sends every other one just the images it
+    # owns of that share, and gets its own keys back: 2 x n images moved per process, where gathering the global
+    # batch (as the reference code does) moves P x n and grows with the number of processes.
+    shares = perm.cpu().view(size, n)  # split sizes are host integers; one sync, as the broadcast needed one
+    owner = torch.div(shares, n, rounding_mode="floor")
+    # What this process sends to each process r: its own samples of r's share, in the order of that share.
+    to_each = [shares[r][owner[r] == rank] - rank * n for r in range(size)]
+    sent = torch.cat(to_each)
+    # What arrives: r's share of each owner s in turn; `arrival` says where each lands in this process's share.
+    arrival = torch.argsort(owner[rank], stable=True)
+    counts = torch.bincount(owner[rank], minlength=size).tolist()
+    received = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_to_all_single(received, x[sent.to(x.device)].contiguous(), output_split_sizes=counts,
+                           input_split_sizes=[len(t) for t in to_each])
+    share = torch.empty_like(received)
+    share[arrival.to(x.device)] = received
+    out = torch.cat([module(chunk) for chunk in share.chunk(groups)])
+    # Back to the owners, the same routes reversed.
+    keys = torch.empty((n, *out.shape[1:]), dtype=out.dtype, device=out.device)
+    dist.all_to_all_single(keys, out[arrival.to(out.device)].contiguous(), output_split_sizes=[len(t) for t in to_each],
+                           input_split_sizes=counts)
+    mine = torch.empty_like(keys)
+    mine[sent.to(out.device)] = keys
+    return mine
