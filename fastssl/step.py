@@ -80,6 +80,10 @@ def compile_networks(method) -> None:
     # compiled: momentum updates and queue writes stay outside the graphs (no recompiles per step).
     for net in method.compiled_modules():
         net.compile(dynamic=False)
+    if getattr(method, "drloc", None) is not None:
+        # DRLoc reads the token grid through encoder.forward_features (drloc.tokens_and_features), which the
+        # compiled __call__ above never sees: without this the query ViT of a DRLoc recipe trained eager.
+        method.encoder.forward_features = torch.compile(method.encoder.forward_features, dynamic=False)
 
 
 def channels_last_views(batch: ViewBatch) -> ViewBatch:

@@ -56,3 +56,15 @@ def test_five_training_steps_compile_once(tmp_path):
     assert counters["stats"]["unique_graphs"] >= 1
     rows = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
     assert len(rows) == 5
+
+
+def test_a_drloc_methods_token_path_is_compiled_too():
+    # With DRLoc the query ViT runs through encoder.forward_features (for the token grid), not encoder(x): the
+    # compiled __call__ alone left it eager. Structure only (compilation is lazy): no graph is built here.
+    from fastssl.step import compile_networks
+
+    cfg = load_config(ROOT / "recipes/vit_small_data_mocov3_synthetic.yaml", ["data.image_size=32"])
+    method = build_method(cfg)
+    assert method.drloc is not None
+    compile_networks(method)
+    assert hasattr(method.encoder.forward_features, "_torchdynamo_orig_callable")
