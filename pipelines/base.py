@@ -60,9 +60,10 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -
 
 
 def host_to_device(x, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A small host array (labels, indices, crop boxes) on `device` without a host sync: a copy from pageable
-    memory first waits for all work queued on the stream; staged through pinned memory it is queued behind it
-    instead (the caching host allocator keeps the staging buffer until the copy has run)."""
+    """A host array or tensor (labels, indices, crop boxes, views made on the CPU) on `device` without a host
+    sync: a copy from pageable memory first waits for all work queued on the stream; staged through pinned
+    memory it is queued behind it and overlaps the training step (the caching host allocator keeps the staging
+    buffer until the copy has run)."""
     t = torch.as_tensor(x, dtype=dtype)
     if device.type != "cuda":
         return t.to(device)

@@ -176,10 +176,8 @@ class DaliViewLoader:
         *views, meta = out
         meta = torch.from_numpy(np.array(meta.as_tensor()))
         views = tuple(self._to_torch(v) for v in views)
-        if self.dali_device == "cpu" and target.type != "cpu":
-            # A GPU trainer fed by CPU-mode DALI: pinned pages, so the copy overlaps the training step.
-            views = tuple((v.pin_memory() if target.type == "cuda" else v).to(target, non_blocking=True)
-                          for v in views)
+        if self.dali_device == "cpu" and target.type != "cpu":  # a GPU trainer fed by CPU-mode DALI
+            views = tuple(host_to_device(v, target) for v in views)
         return ViewBatch(views, host_to_device(meta[:, 0], target), host_to_device(meta[:, 1], target))
 
     def _to_torch(self, tensor_list) -> torch.Tensor:

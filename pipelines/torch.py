@@ -22,7 +22,7 @@ from fastssl.preempt import ignore_in_workers
 from pipelines import ops
 from pipelines.augment import AugmentSpec
 from pipelines.base import (BACKENDS, LoaderContext, ViewBatch, batch_seed, check_dataset_batches, check_global_batch,
-                            check_start_batch, data_device, shard_batches, steps_per_epoch)
+                            check_start_batch, data_device, host_to_device, shard_batches, steps_per_epoch)
 from pipelines.eval_views import build_eval_loader  # noqa: F401  (public here: fastssl.eval imports it)
 
 # A region is pre-shrunk by an integer factor f (block mean, an exact box filter) only while every box
@@ -164,9 +164,8 @@ class TorchViewLoader:
         gen.manual_seed(batch_seed(self.ctx.seed, raw.epoch, raw.step, self.ctx.process_index))
         views = tuple(ops.make_view(pixels, boxes[v], view, self.spec.size, self.spec.mean, self.spec.std, gen)
                       for v, view in enumerate(self.spec.views))
-        if dev != target:  # data.device=cpu with a GPU trainer: pinned, so the copies overlap
-            views = tuple(v.pin_memory().to(target, non_blocking=True) if target.type == "cuda" else v.to(target)
-                          for v in views)
+        if dev != target:  # data.device=cpu with a GPU trainer
+            views = tuple(host_to_device(v, target) for v in views)
         return ViewBatch(views, raw.labels.to(target, non_blocking=True), raw.indices.to(target, non_blocking=True))
 
 
