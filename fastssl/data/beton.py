@@ -250,9 +250,10 @@ def open_beton(path):
         raise UserError(f".beton file {p} is truncated or empty ({num_samples} samples, {size} bytes)")
     # A cut inside the table on an entry boundary passes the size check above; the samples it lost would be
     # looked up past the table's end by compiled (unchecked) code and decode some other sample's bytes.
-    if not np.array_equal(np.unique(table["sample_id"]), np.arange(num_samples)):
-        raise UserError(f".beton file {p} is truncated or damaged: its allocation table lists "
-                        f"{len(np.unique(table['sample_id']))} of its {num_samples} samples")
+    listed = np.unique(table["sample_id"])
+    if not np.array_equal(listed, np.arange(num_samples)):
+        raise UserError(f".beton file {p} is truncated or damaged: its allocation table lists {len(listed)} of its "
+                        f"{num_samples} samples")
     return reader
 
 
