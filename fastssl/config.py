@@ -29,6 +29,9 @@ class DataConfig:
     augment: str = "simclr"  # preset in pipelines/augment.py
     crop_scale: tuple[float, float] | None = None  # overrides the preset's crop area range for every view
     drop_last: bool = True
+    # torch and ffcv backends: torch.compile the augmentation after the crop (pipelines/ops.py). auto: where
+    # views are made on CUDA (on a CPU the eager path computes only the samples an op applies to, as fast)
+    compile: str = "auto"  # auto | true | false
     # DALI memory knobs (see pipelines/dali.py for what each costs)
     dali_prefetch_queue_depth: int = 2
     dali_hw_decoder_load: float = 0.65

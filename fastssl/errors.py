@@ -116,3 +116,12 @@ def resolve_device(choice: str | None, option: str = "--device") -> str:
     if choice == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{option} cuda but torch sees no CUDA GPU on this machine; use auto or cpu")
     return "cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def resolve_compile(flag: str, device, key: str = "model.compile") -> bool:
+    """A recipe's auto | true | false compile switch: auto compiles on CUDA (compiling on a CPU costs a minute
+    or more and gains little)."""
+    valid = ("auto", "true", "false")
+    if flag not in valid:
+        raise UserError(f"unknown {key} {flag!r}; valid: {', '.join(valid)}")
+    return flag == "true" or (flag == "auto" and device.type == "cuda")

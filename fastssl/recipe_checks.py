@@ -93,11 +93,13 @@ def check_recipe(cfg: Config) -> None:
     import torch
 
     from fastssl.methods import build_method
-    from fastssl.step import resolve_compile, resolve_precision
+    from fastssl.errors import resolve_compile
+    from fastssl.step import resolve_precision
 
     check_values(cfg)
     resolve_precision(cfg.train.precision)
     resolve_compile(cfg.model.compile, torch.device("cpu"))
+    resolve_compile(cfg.data.compile, torch.device("cpu"), "data.compile")
     with torch.device("meta"):
         build_method(cfg)
 

@@ -29,13 +29,6 @@ def resolve_precision(precision: str) -> str:
     return "no" if precision == "fp32" else precision
 
 
-def resolve_compile(flag: str, device: torch.device) -> bool:
-    valid = ("auto", "true", "false")
-    if flag not in valid:
-        raise UserError(f"unknown model.compile {flag!r}; valid: {', '.join(valid)}")
-    return flag == "true" or (flag == "auto" and device.type == "cuda")
-
-
 def split_batch(batch: ViewBatch, parts: int) -> list[ViewBatch]:
     if parts == 1:
         return [batch]

@@ -15,7 +15,7 @@ import torch
 from fastssl.checkpoint import UNREADABLE_ERRORS, latest_checkpoint, load_encoder, save_checkpoint
 from fastssl.config import Config, config_to_dict, dump_config
 from fastssl.data.shards import is_shard_dir
-from fastssl.errors import UserError
+from fastssl.errors import UserError, resolve_compile
 from fastssl.fileio import write_atomic
 from fastssl.eval.knn import check_bank_size, paired_folders
 from fastssl.eval.monitor import KnnMonitor
@@ -26,7 +26,7 @@ from fastssl.recipe_checks import check_recipe
 from fastssl.rundir import prepare_run_dir, stopped_before_first_checkpoint
 from fastssl.schedule import lr_at, scaled_lr
 from fastssl.step import (build_training_method, channels_last_views, compile_networks, make_accelerator,
-                          optimizer_step, resolve_compile, step_logs)
+                          optimizer_step, step_logs)
 
 from pipelines.augment import spec_for
 from pipelines.base import LoaderContext, build_loader

@@ -27,7 +27,7 @@ import collections
 import numpy as np
 import torch
 
-from fastssl.errors import UserError
+from fastssl.errors import UserError, resolve_compile
 from pipelines import ops
 from pipelines.augment import AugmentSpec
 from pipelines.base import (BACKENDS, LoaderContext, ViewBatch, batch_seed, check_dataset_batches, check_global_batch,
@@ -221,6 +221,9 @@ def build(data_cfg, spec: AugmentSpec, ctx: LoaderContext) -> DaliViewLoader:
     if not 0.0 <= data_cfg.dali_hw_decoder_load <= 1.0:
         raise UserError(f"data.dali_hw_decoder_load={data_cfg.dali_hw_decoder_load}; expected a share in [0, 1]")
     device = dali_device(data_cfg.device, ctx)
+    if resolve_compile(data_cfg.compile, torch.device("cpu"), "data.compile"):
+        raise UserError("data.compile=true compiles the torch augmentation of the torch and ffcv backends; DALI "
+                        "runs its own operators: use auto or false with data.backend=dali")
     source = open_source(data_cfg.path)
     check_dataset_batches(data_cfg.path, len(source), data_cfg.batch_size, data_cfg.drop_last, ctx.num_processes)
     return DaliViewLoader(source, spec, ctx, data_cfg.batch_size, data_cfg.drop_last, device, data_cfg.workers,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fastssl.data.beton import IMAGE_FIELD, LABEL_FIELD, import_ffcv, open_beton, require_fields
-from fastssl.errors import UserError
+from fastssl.errors import UserError, resolve_compile
 from pipelines.augment import AugmentSpec
 from pipelines.base import (BACKENDS, LoaderContext, ViewBatch, batch_seed, check_dataset_batches, check_global_batch,
                             check_start_batch, data_device, epoch_order, host_to_device, shard_order,
@@ -41,7 +41,7 @@ class FFCVViewLoader:
 
     def __init__(self, path: str, spec: AugmentSpec, ctx: LoaderContext, *, batch_size: int, workers: int = 1,
                  order: str = "shared", os_cache: bool = True, drop_last: bool = True, device: str = "auto",
-                 decode: str = "once", batches_ahead: int = 2):
+                 decode: str = "once", batches_ahead: int = 2, compile: str = "auto"):
         import_ffcv()
         import numba
         from ffcv.loader import Loader, OrderOption
@@ -62,6 +62,7 @@ class FFCVViewLoader:
         self.path, self.spec, self.ctx = str(path), spec, ctx
         self.global_batch, self.drop_last, self.order = batch_size, drop_last, order
         self.device = data_device(device, ctx)
+        self.compiled = resolve_compile(compile, self.device, "data.compile")
         meta = reader.metadata[f"f{list(reader.handlers).index(IMAGE_FIELD)}"]
         self.heights = meta["height"].astype(np.int64)
         self.widths = meta["width"].astype(np.int64)
@@ -182,7 +183,7 @@ class FFCVViewLoader:
             rel = self.view_boxes[idx, v].copy()
             rel[:, :2] -= table[idx, :2]
             views.append(make_view(images, host_to_device(rel, self.device, torch.float32), view, s.size, s.mean,
-                                   s.std, g))
+                                   s.std, g, self.compiled))
         views = tuple(views)
         return ViewBatch(views=views, labels=host_to_device(labels, self.device),
                          indices=host_to_device(idx, self.device))
@@ -220,4 +221,5 @@ class _PlannedOrder:
 def build_ffcv_loader(data_cfg, spec: AugmentSpec, ctx: LoaderContext) -> FFCVViewLoader:
     return FFCVViewLoader(data_cfg.path, spec, ctx, batch_size=data_cfg.batch_size, workers=data_cfg.workers,
                           order=data_cfg.ffcv_order, os_cache=data_cfg.ffcv_os_cache,
-                          drop_last=data_cfg.drop_last, device=data_cfg.device, decode=data_cfg.ffcv_decode)
+                          drop_last=data_cfg.drop_last, device=data_cfg.device, decode=data_cfg.ffcv_decode,
+                          compile=data_cfg.compile)

@@ -94,6 +94,14 @@ def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtyp
     return torch.tensor(values, device=device, dtype=dtype)
 
 
+def _const(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`_constant`, or inside a compiled graph a plain tensor (a graph constant; dynamo would trace through
+    the cache wrapper and warn)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, device=device, dtype=dtype)
+    return _constant(values, device, dtype)
+
+
 def sample_view_params(n: int, view: ViewSpec, generator: torch.Generator, device=None) -> ViewParams:
     """Draw every parameter of a view; the same draws happen whatever the probabilities, so changing one
     probability in a spec never changes the other operations' draws."""
@@ -163,9 +171,10 @@ def where_sampled(mask: torch.Tensor, fn, x: torch.Tensor, *per_sample) -> torch
     its size on the host, a synchronisation that would stall the CPU until the GPU has caught up with
     the training step. On the CPU there is nothing to overlap, so only the selected samples are computed
     (the hue rotation, 4 times per jittered view, and the blur are most of the CPU time): 2.2x faster
-    make_view there, same values.
+    make_view there, same values. Inside a compiled graph every sample is computed too (a subset's size is
+    data-dependent, a graph break), and the compiler fuses the computation with the selection.
     """
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
         return where_sampled_dense(mask, fn, x, *per_sample)
     idx = mask.nonzero().squeeze(1)
     if idx.numel() == 0:
@@ -222,7 +231,7 @@ def color_jitter(x: torch.Tensor, params: ViewParams, view: ViewSpec) -> torch.T
     each of the 4 positions costs one blend for the whole batch (factor 1, an exact identity, for samples
     whose op there is hue or that skip jitter) plus one masked hue rotation.
     """
-    identity = _constant((1.0, 1.0, 1.0, 0.0), x.device, torch.float32)
+    identity = _const((1.0, 1.0, 1.0, 0.0), x.device, torch.float32)
     factors = torch.where(params.jitter[:, None], params.factors, identity)
     for k in range(4):
         op = params.order[:, k]
@@ -259,15 +268,14 @@ def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = _constant(tuple(mean), x.device, x.dtype).reshape(1, -1, 1, 1)
-    s = _constant(tuple(std), x.device, x.dtype).reshape(1, -1, 1, 1)
+    m = _const(tuple(mean), x.device, x.dtype).reshape(1, -1, 1, 1)
+    s = _const(tuple(std), x.device, x.dtype).reshape(1, -1, 1, 1)
     return (x - m) / s
 
 
-def apply_view(images: torch.Tensor, boxes: torch.Tensor, params: ViewParams, view: ViewSpec, size: int,
-               mean, std) -> torch.Tensor:
-    """The spec's steps 1-7 with given parameters; a step whose probability is 0 is skipped altogether."""
-    x = crop_resize(images, boxes, size)
+def augment_crops(x: torch.Tensor, params: ViewParams, view: ViewSpec, mean, std) -> torch.Tensor:
+    """The spec's steps 2-7 on cropped float views; a step whose probability is 0 is skipped altogether."""
+    size = x.shape[-1]
     if view.flip_p > 0:
         x = where_sampled(params.flip, lambda y: y.flip(3), x)
     def to_gray(y):
@@ -287,14 +295,32 @@ def apply_view(images: torch.Tensor, boxes: torch.Tensor, params: ViewParams, vi
     return normalize(x, mean, std)
 
 
+@functools.cache
+def compiled_augment_crops():
+    """`augment_crops` through torch.compile, made on first use. Eager, each of the colour jitter's 4 positions
+    is a blend plus a hue rotation of the whole batch on an accelerator (~300 elementwise kernels a view, each
+    a full pass over the batch's memory); compiled, they fuse into a few kernels. One graph per view spec and
+    batch size (the shorter last batch of drop_last=false adds one); the same values as eager (to fp32
+    rounding: the compiler may reorder arithmetic)."""
+    return torch.compile(augment_crops, dynamic=False)
+
+
+def apply_view(images: torch.Tensor, boxes: torch.Tensor, params: ViewParams, view: ViewSpec, size: int,
+               mean, std, compiled: bool = False) -> torch.Tensor:
+    """The spec's steps 1-7 with given parameters; `compiled` runs steps 2-7 through `compiled_augment_crops`."""
+    augment = compiled_augment_crops() if compiled else augment_crops
+    return augment(crop_resize(images, boxes, size), params, view, mean, std)
+
+
 def make_view(images: torch.Tensor, boxes: torch.Tensor, view: ViewSpec, size: int, mean, std,
-              generator: torch.Generator) -> torch.Tensor:
+              generator: torch.Generator, compiled: bool = False) -> torch.Tensor:
     """One augmented view of a padded uint8 N x 3 x H x W batch: float N x 3 x size x size, normalised.
 
     `boxes` (N, 4) are (y0, x0, h, w) in pixels of `images`; the other parameters are drawn per sample
-    from `generator` (on any device; the draws are moved to the images' device).
+    from `generator` (on any device; the draws are moved to the images' device). `compiled`: see
+    `compiled_augment_crops` (the draws stay outside the graph, so the values do not depend on it).
     """
     if images.shape[0] == 0:  # a rank's empty share of a short last batch (drop_last=false)
         return torch.empty((0, 3, size, size), device=images.device)
     params = sample_view_params(images.shape[0], view, generator, images.device)
-    return apply_view(images, boxes, params, view, size, mean, std)
+    return apply_view(images, boxes, params, view, size, mean, std, compiled)

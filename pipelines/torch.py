@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastssl.data.imagefolder import ImageFolderIndex, load_rgb, scan_image_folder
-from fastssl.errors import UserError
+from fastssl.errors import UserError, resolve_compile
 from fastssl.preempt import ignore_in_workers
 from pipelines import ops
 from pipelines.augment import AugmentSpec
@@ -127,8 +127,8 @@ def _as_is(batch):
 
 class TorchViewLoader:
     def __init__(self, index: ImageFolderIndex, spec: AugmentSpec, ctx: LoaderContext, global_batch: int,
-                 drop_last: bool, workers: int, aug_device: torch.device):
-        self.spec, self.ctx, self.aug_device = spec, ctx, aug_device
+                 drop_last: bool, workers: int, aug_device: torch.device, compiled: bool = False):
+        self.spec, self.ctx, self.aug_device, self.compiled = spec, ctx, aug_device, compiled
         self._requests = _BatchRequests(len(index), global_batch, ctx, drop_last)
         self._steps = steps_per_epoch(len(index), global_batch, drop_last)
         # Persistent workers keep their decoders warm between epochs; the sampler lives in this process,
@@ -162,8 +162,8 @@ class TorchViewLoader:
         boxes = raw.boxes.to(dev, non_blocking=True)
         gen = torch.Generator(device=dev)
         gen.manual_seed(batch_seed(self.ctx.seed, raw.epoch, raw.step, self.ctx.process_index))
-        views = tuple(ops.make_view(pixels, boxes[v], view, self.spec.size, self.spec.mean, self.spec.std, gen)
-                      for v, view in enumerate(self.spec.views))
+        views = tuple(ops.make_view(pixels, boxes[v], view, self.spec.size, self.spec.mean, self.spec.std, gen,
+                                    self.compiled) for v, view in enumerate(self.spec.views))
         if dev != target:  # data.device=cpu with a GPU trainer
             views = tuple(host_to_device(v, target) for v in views)
         return ViewBatch(views, raw.labels.to(target, non_blocking=True), raw.indices.to(target, non_blocking=True))
@@ -177,6 +177,8 @@ def build(data_cfg, spec: AugmentSpec, ctx: LoaderContext) -> TorchViewLoader:
         raise UserError(f"data.workers={data_cfg.workers}; expected 0 (decode in-process) or more")
     check_global_batch(data_cfg.batch_size, ctx.num_processes)
     aug_device = data_device(data_cfg.device, ctx)
+    compiled = resolve_compile(data_cfg.compile, aug_device, "data.compile")
     index = scan_image_folder(data_cfg.path)
     check_dataset_batches(data_cfg.path, len(index), data_cfg.batch_size, data_cfg.drop_last, ctx.num_processes)
-    return TorchViewLoader(index, spec, ctx, data_cfg.batch_size, data_cfg.drop_last, data_cfg.workers, aug_device)
+    return TorchViewLoader(index, spec, ctx, data_cfg.batch_size, data_cfg.drop_last, data_cfg.workers, aug_device,
+                           compiled)

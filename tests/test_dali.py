@@ -96,7 +96,9 @@ def test_gpu_decoder_without_gpu_suggests_cpu_mode(colour_root):
 @pytest.mark.parametrize("bad, match", [({"dali_prefetch_queue_depth": 0}, "dali_prefetch_queue_depth=0"),
                                         ({"dali_hw_decoder_load": 1.5}, "dali_hw_decoder_load=1.5"),
                                         ({"batch": 15, "nproc": 2}, "batch_size=15"),
-                                        ({"batch": 64}, "fewer than one global batch")])
+                                        ({"batch": 64}, "fewer than one global batch"),
+                                        ({"compile": "true"}, "data.compile=true .* use auto or false"),
+                                        ({"compile": "1"}, "unknown data.compile '1'")])
 def test_bad_settings_are_one_line_errors(colour_root, bad, match):
     with pytest.raises(UserError, match=match) as e:
         _loader(colour_root, preset("simclr", S), **bad)

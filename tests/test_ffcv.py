@@ -131,6 +131,22 @@ def test_per_view_decode_cuts_each_view_box_exactly(data, monkeypatch):
                 assert np.array_equal(got, data["source"][i][0][y0:y0 + h, x0:x0 + w])
 
 
+def test_data_compile_reaches_the_augmentation(data, monkeypatch):
+    # data.compile: auto is eager on a CPU, true compiles (tests/test_compile.py checks the compiled values).
+    import pipelines.ffcv as backend
+    from fastssl.config import DataConfig
+    from pipelines.augment import preset
+    from pipelines.base import LoaderContext, build_loader
+
+    flags = []
+    monkeypatch.setattr(backend, "make_view", lambda *args: flags.append(args[-1]) or torch.zeros(0))
+    for choice in ("auto", "true", "false"):
+        loader = build_loader(DataConfig(backend="ffcv", path=str(data["raw"]), batch_size=8, workers=1,
+                                         compile=choice), preset("simclr", 16), LoaderContext(torch.device("cpu")))
+        next(iter(loader))
+    assert flags == [False, False, True, True, False, False]
+
+
 def test_crop_boxes_follow_torchvision_per_view(raw_loader):
     """Each view's boxes have torchvision RandomResizedCrop's distribution for its own spec: two-sample KS on
     area, log-aspect and both centre coordinates (as test_ops does for ops.sample_crop_boxes itself)."""
@@ -256,6 +272,7 @@ def test_bad_settings_are_user_errors(data, tmp_path):
         (DataConfig(backend="ffcv", path=raw, batch_size=8, ffcv_order="shuffled"), ctx(), "ffcv_order"),
         (DataConfig(backend="ffcv", path=raw, batch_size=8, ffcv_decode="twice"), ctx(), "ffcv_decode"),
         (DataConfig(backend="ffcv", path=raw, batch_size=8, device="tpu"), ctx(), "data.device='tpu'"),
+        (DataConfig(backend="ffcv", path=raw, batch_size=8, compile="yes"), ctx(), "unknown data.compile 'yes'"),
     ]
     for cfg, context, fragment in cases:
         with pytest.raises(UserError, match=fragment):

@@ -18,6 +18,7 @@ from torchvision.transforms import RandomResizedCrop
 from fastssl.config import DataConfig
 from fastssl.data.imagefolder import scan_image_folder
 from fastssl.errors import UserError
+from pipelines import ops
 from pipelines import torch as torch_backend
 from pipelines.augment import AugmentSpec, ViewSpec, preset
 from pipelines.base import BACKENDS, LoaderContext, build_loader, data_device, steps_per_epoch
@@ -137,6 +138,8 @@ def test_build_rejects_bad_settings(folder, tmp_path):
         loader_for(folder, device="tpu")
     with pytest.raises(UserError, match="training device is cpu"):
         loader_for(folder, device="cuda")
+    with pytest.raises(UserError, match="unknown data.compile 'on'; valid: auto, true, false"):
+        loader_for(folder, compile="on")
     with pytest.raises(UserError, match="does not exist"):
         loader_for(tmp_path / "missing")
     assert len(list(loader_for(folder, batch=32, drop_last=False))) == 1
@@ -147,6 +150,15 @@ def test_build_rejects_bad_settings(folder, tmp_path):
     assert [len(b[-1][2]) for b in two] == [1, 1]
     with pytest.raises(UserError, match="last global batch of 2 images .* 3 processes cannot share equally"):
         loader_for(folder, batch=6, drop_last=False, ctx=LoaderContext(CPU, num_processes=3))
+
+
+def test_data_compile_reaches_the_augmentation(folder, monkeypatch):
+    # data.compile: auto is eager on a CPU, true compiles (tests/test_compile.py checks the compiled values).
+    flags = []
+    monkeypatch.setattr(ops, "make_view", lambda *args: flags.append(args[-1]) or torch.zeros(0))
+    for choice in ("auto", "true", "false"):
+        next(iter(loader_for(folder, compile=choice)))
+    assert flags == [False, False, True, True, False, False]
 
 
 def test_both_views_come_from_the_same_image(tmp_path):

@@ -10,11 +10,11 @@ import torch
 
 from fastssl.bench import flops
 from fastssl.config import Config
-from fastssl.errors import resolve_device
+from fastssl.errors import resolve_compile, resolve_device
 from fastssl.optim import build_optimizer
 from fastssl.schedule import scaled_lr
 from fastssl.step import (build_training_method, channels_last_views, compile_networks, ddp_options, forward_backward,
-                          optimizer_step, resolve_compile, resolve_precision)
+                          optimizer_step, resolve_precision)
 
 from pipelines.base import ViewBatch
 
