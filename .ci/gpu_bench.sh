@@ -102,6 +102,9 @@ part triton_tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_losses_trit
 if [ -n "$synth" ]; then
   wait $synth; echo "== synthetic rc=$?" | tee -a "$OUT/log.txt"; tail -n 2 "$W/synthetic.txt"
 fi
+# data.compile: the on-device augmentation alone, eager (~300 kernels a view) against compiled.
+part augment 240 $PY tools/bench.py augment --device "$DEVICE" --augment simclr --size "$SIZE" \
+    --source-size "$SRC_SIZE" --batch 256,"$BATCH" --steps 20 --warmup 3 --json "$W/augment.json"
 part model_r50 180 $PY tools/bench.py model --device "$DEVICE" --recipe recipes/simclr_resnet50_in1k.yaml \
     --batch "$BATCH" --compile false,true --steps "$STEPS" --warmup "$WARMUP" --json "$W/model_r50.json"
 # Issue 7's "largest batch that fits": $LARGEST, or "does not fit" if the back-off would go below $LARGEST_MIN
@@ -114,13 +117,13 @@ part model_largest_vits 180 $PY tools/bench.py model --device "$DEVICE" --recipe
     --json "$W/model_vits_largest.json"
 part step_compiled 300 $PY tools/bench.py step --device "$DEVICE" --recipe recipes/simclr_resnet50_in1k.yaml \
     --batch "$BATCH" --workers "$WORKERS" --backend torch --steps "$LOADER_STEPS" --warmup "$LOADER_WARMUP" \
-    data.path="$DATA/train" data.image_size="$SIZE" model.compile=true --json "$W/step_r50_compiled.json"
+    data.path="$DATA/train" data.image_size="$SIZE" model.compile=true data.compile=true --json "$W/step_r50_compiled.json"
 part step_r50 200 $PY tools/bench.py step --device "$DEVICE" --recipe recipes/simclr_resnet50_in1k.yaml \
     --batch "$BATCH" --workers "$WORKERS" --backend torch --steps "$LOADER_STEPS" --warmup "$LOADER_WARMUP" \
-    data.path="$DATA/train" data.image_size="$SIZE" model.compile=false --json "$W/step_r50.json"
+    data.path="$DATA/train" data.image_size="$SIZE" model.compile=false data.compile=false --json "$W/step_r50.json"
 part step_vits 200 $PY tools/bench.py step --device "$DEVICE" --recipe recipes/mocov3_vit_small_in1k.yaml \
     --batch "$BATCH" --workers "$WORKERS" --backend torch --steps "$LOADER_STEPS" --warmup "$LOADER_WARMUP" \
-    data.path="$DATA/train" data.image_size="$SIZE" model.compile=false --json "$W/step_vits.json"
+    data.path="$DATA/train" data.image_size="$SIZE" model.compile=false data.compile=false --json "$W/step_vits.json"
 part loader 60 $PY tools/bench.py loader --device "$DEVICE" --data "$DATA/train" --backend torch,pil \
     --size "$SIZE" --batch 256 --workers "$WORKERS" --batches "$LOADER_STEPS" --warmup "$LOADER_WARMUP" \
     --json "$W/loader.json" \

@@ -327,6 +327,31 @@ def test_model_bench_compares_eager_and_compiled(tmp_path):
     assert compiled["gflops_per_image"] == eager["gflops_per_image"] > 0
 
 
+# --- augment ------------------------------------------------------------------------------------------------
+
+def test_augment_bench_end_to_end(tmp_path):
+    out, png = tmp_path / "augment.json", tmp_path / "augment.png"
+    proc = run_tool("tools/bench.py", "augment", "--augment", "mocov3", "--size", "16", "--batch", "4,8",
+                    "--compile", "false", "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out),
+                    "--plot", str(png))
+    assert proc.returncode == 0, proc.stderr
+    rows = check_record(out, "augment").figures
+    assert [(r["batch"], r["compiled"], r["source_size"]) for r in rows] == [(4, False, 32), (8, False, 32)]
+    for r in rows:
+        assert r["pairs_per_s"] == pytest.approx(r["batch"] * 1000.0 / r["ms_per_batch"], rel=1e-12)
+        assert r["cuda_kernels"] is None and r["peak_mem_gib"] is None and r["max_diff_vs_eager"] is None
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.compile
+def test_augment_bench_compiled_row_is_checked_against_eager():
+    from fastssl.bench.augment import bench_augment
+    from pipelines.augment import preset
+
+    row = bench_augment(preset("mocov3", 24), "mocov3", 12, 40, True, torch.device("cpu"), 1, 0, 0)
+    assert row.compiled and 0 <= row.max_diff_vs_eager < 5e-5  # a number computed from compiled views
+
+
 # --- step ---------------------------------------------------------------------------------------------------
 
 def test_step_bench_end_to_end(folder, tmp_path):
@@ -355,6 +380,9 @@ def test_step_bench_end_to_end(folder, tmp_path):
     (["model", "--method", "simclr,byol", "--device", "cpu"], ["'byol'", "mocov2, mocov3, simclr"]),
     (["model", "--encoder", "resnet7", "--device", "cpu"], ["'resnet7'", "resnet18"]),
     (["step", "--backend", "pil", "--device", "cpu"], ["pil", "torch, dali, ffcv"]),
+    (["augment", "--augment", "byol", "--device", "cpu"], ["'byol'", "simclr"]),
+    (["augment", "--size", "4", "--device", "cpu"], ["--size 4; expected an integer >= 8"]),
+    (["augment", "--compile", "yes", "--device", "cpu"], ["'yes'", "false, true"]),
     (["step", "--device", "cpu", "data.wokers=2"], ["wokers", "workers"]),
 ])
 def test_bad_input_is_one_line(argv, fragments):

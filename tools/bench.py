@@ -23,6 +23,7 @@ from fastssl.fileio import check_output_file  # noqa: E402
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "loss": ("fastssl.bench.loss", "peak memory and fwd+bwd time of the contrastive loss impls over N and D"),
     "loader": ("fastssl.bench.loader", "views/s and CPU per input backend (torch, dali, ffcv, PIL baseline)"),
+    "augment": ("fastssl.bench.augment", "on-device augmentation alone: view-pairs/s, eager vs torch.compile"),
     "model": ("fastssl.bench.model", "training step minus I/O: images/s, TFLOP/s and MFU, eager vs compiled"),
     "step": ("fastssl.bench.step", "real step with the real loader: input-bound ratio and data-wait share"),
 }

@@ -14,20 +14,18 @@ import pkgutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fastssl.bench import flops
+from fastssl.bench.augment import SyntheticViews
 from fastssl.bench.record import BenchRecord, Column, Panel, describe_device, new_record, print_table, save_plot
 from fastssl.bench.sweep import check_names, console, grid, note, parse_list, with_oom_backoff
 from fastssl.bench.timing import TimedWindow
 from fastssl.bench.trainstep import TrainingStep, make_accelerator
 from fastssl.config import Config, apply_overrides, config_from_dict, load_yaml
-from fastssl.errors import UserError
+from fastssl.errors import UserError, resolve_compile
 
-from pipelines import ops
-from pipelines.augment import AugmentSpec, spec_for
-from pipelines.base import ViewBatch
+from pipelines.augment import spec_for
 
 # The demo's, found from the checkout rather than the current folder (the other tools take no default path).
 DEFAULT_RECIPE = str(Path(__file__).resolve().parents[2] / "recipes/simclr_resnet18_synthetic.yaml")
@@ -35,31 +33,6 @@ DEFAULT_RECIPE = str(Path(__file__).resolve().parents[2] / "recipes/simclr_resne
 # keep one configuration to seconds on 2 cores. On a GPU the recipe's batch and enough steps to average.
 CPU_DEFAULTS = dict(batch=32, steps=3, warmup=1)
 GPU_DEFAULTS = dict(steps=20, warmup=5)
-
-
-class SyntheticViews:
-    """A fixed uint8 batch on the device and its crop boxes; each call makes fresh views from it."""
-
-    def __init__(self, spec: AugmentSpec, batch: int, source_size: int, device: torch.device, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.spec, self.device, self.seed = spec, device, seed
-        self.images = torch.randint(0, 256, (batch, 3, source_size, source_size), dtype=torch.uint8,
-                                    generator=g).to(device)
-        sides = np.full(batch, source_size)
-        rng = np.random.default_rng(seed)
-        # Drawn once: on the real path the loader's workers draw boxes, outside the training step.
-        self.boxes = [torch.from_numpy(ops.sample_crop_boxes(sides, sides, v.crop_scale, v.crop_ratio, rng))
-                      .float().to(device) for v in spec.views]
-        self.labels = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.indices = torch.arange(batch, device=device)
-        self._calls = 0
-
-    def __call__(self) -> ViewBatch:
-        gen = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + self._calls)
-        self._calls += 1
-        s = self.spec
-        views = tuple(ops.make_view(self.images, b, v, s.size, s.mean, s.std, gen) for b, v in zip(self.boxes, s.views))
-        return ViewBatch(views, self.labels, self.indices)
 
 
 FLOPS_BATCH = 16  # images per view in the eager FLOP count
@@ -92,7 +65,8 @@ def bench_model(cfg: Config, accelerator, steps: int, warmup: int, source_size: 
     device = accelerator.device
     spec = spec_for(cfg.data)  # the recipe's augmentations, data.crop_scale included, as train.py builds them
     batch = cfg.data.batch_size // accelerator.num_processes
-    synthetic = SyntheticViews(spec, batch, source_size or cfg.data.image_size, device, cfg.seed)
+    synthetic = SyntheticViews(spec, batch, source_size or cfg.data.image_size, device, cfg.seed,
+                               resolve_compile(cfg.data.compile, device, "data.compile"))
     step = TrainingStep(cfg, accelerator)
     try:
         flops_per_step = None
@@ -221,7 +195,8 @@ def run(args) -> BenchRecord:
 
         def measure(batch: int, point=point) -> ModelFigures:
             c = config_for(t["base"], **{"method.name": point["method"], "model.encoder": point["encoder"],
-                                         "model.compile": point["compile"], "data.batch_size": batch})
+                                         "model.compile": point["compile"], "data.compile": point["compile"],
+                                         "data.batch_size": batch})
             return bench_model(c, acc, t["steps"], t["warmup"], args.source_size)
 
         result = with_oom_backoff(measure, point["batch"], t["min_batch"], acc.device, on_retry=note)
