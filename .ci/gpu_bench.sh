@@ -102,7 +102,7 @@ part triton_tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_losses_trit
 if [ -n "$synth" ]; then
   wait $synth; echo "== synthetic rc=$?" | tee -a "$OUT/log.txt"; tail -n 2 "$W/synthetic.txt"
 fi
-# data.compile: the on-device augmentation alone, eager (~300 kernels a view) against compiled.
+# data.compile: the on-device augmentation alone, eager (~400 operations a view) against compiled.
 part augment 240 $PY tools/bench.py augment --device "$DEVICE" --augment simclr --size "$SIZE" \
     --source-size "$SRC_SIZE" --batch 256,"$BATCH" --steps 20 --warmup 3 --json "$W/augment.json"
 part model_r50 180 $PY tools/bench.py model --device "$DEVICE" --recipe recipes/simclr_resnet50_in1k.yaml \
