@@ -343,6 +343,15 @@ def test_augment_bench_end_to_end(tmp_path):
     assert png.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_augment_bench_counts_profiled_operators():
+    # The CUDA kernel column's counter, run with the CPU activity: the operators the profiler saw, in order.
+    from fastssl.bench.augment import count_profiled
+
+    x, y = torch.ones(4), torch.full((4,), 2.0)
+    assert count_profiled(lambda: x.add(y).mul(y).sub(y), "cpu") == 3
+    assert count_profiled(lambda: None, "cpu") == 0
+
+
 @pytest.mark.compile
 def test_augment_bench_compiled_row_is_checked_against_eager():
     from fastssl.bench.augment import bench_augment

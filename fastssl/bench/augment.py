@@ -83,13 +83,18 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _count_cuda_kernels(fn) -> int:
+def count_profiled(fn, kind: str = "cuda") -> int:
+    """Events of `kind` the profiler records during fn(): CUDA kernels (and copies) launched, or for "cpu"
+    the operators run on the host (what the tests can check without a GPU)."""
     from torch.profiler import DeviceType, ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activity, device_type = ((ProfilerActivity.CUDA, DeviceType.CUDA) if kind == "cuda"
+                             else (ProfilerActivity.CPU, DeviceType.CPU))
+    with profile(activities=[activity]) as prof:
         fn()
-        torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+        if kind == "cuda":
+            torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == device_type)
 
 
 def _max_diff(a: ViewBatch, b: ViewBatch) -> float:
@@ -107,7 +112,7 @@ def bench_augment(spec: AugmentSpec, name: str, batch: int, source_size: int, co
         views()
     diff = _max_diff(views(0), SyntheticViews(spec, batch, source_size, device, seed)(0)) if compiled else None
     cuda = device.type == "cuda"
-    kernels = _count_cuda_kernels(views) if cuda else None
+    kernels = count_profiled(views) if cuda else None
     if cuda:
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
