@@ -9,7 +9,7 @@ import contextlib
 import torch
 
 from fastssl.config import Config
-from fastssl.errors import UserError
+from fastssl.errors import UserError, resolve_device
 from fastssl.methods import build_method
 from fastssl.methods.base import LossOutput
 from fastssl.sync_bn import convert_global_bn
@@ -48,11 +48,14 @@ def ddp_options():
     return DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
-def make_accelerator(cfg: Config):
-    """The loop's Accelerator: precision from the recipe, the CPU when torch sees no GPU, DDP's ddp_options."""
+def make_accelerator(precision: str = "auto", device: str = "auto"):
+    """The Accelerator of the loop and of the benchmarks (one per process: accelerate's state is a process-wide
+    singleton): train.precision, the CPU when torch sees no GPU or `device` says so (`--device cpu` in the
+    benchmarks; fp32 there, as resolve_precision gives a CPU), DDP's ddp_options."""
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision=resolve_precision(cfg.train.precision), cpu=not torch.cuda.is_available(),
+    cpu = resolve_device(device) == "cpu"
+    return Accelerator(mixed_precision="no" if cpu else resolve_precision(precision), cpu=cpu,
                        kwargs_handlers=[ddp_options()])
 
 

@@ -156,7 +156,7 @@ def train(cfg: Config) -> dict:
         raise UserError(f"train.grad_accum={cfg.train.grad_accum} changes the negatives of a contrastive loss "
                         f"(each micro-batch sees only its own); set train.allow_grad_accum=true to accept that")
     knn_sets = _knn_sets(cfg)
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg.train.precision)
     main = accelerator.is_main_process
     monitor = KnnMonitor(cfg, accelerator.device, knn_sets)  # checks its settings now, not after an epoch
 

@@ -34,7 +34,7 @@ def main(out: str, method_name: str, reduction: str = "ddp") -> None:
     }[method_name]
     cfg = load_config(None, ["model.encoder=resnet18", "model.small_input=true", "data.image_size=16",
                              "data.batch_size=8", "train.precision=fp32", *overrides])
-    acc = make_accelerator(cfg)  # the trainer's, DDP options included
+    acc = make_accelerator(cfg.train.precision)  # the trainer's, DDP options included
     set_seed(0)
     method, _ = build_training_method(cfg, acc.device)
     opt = build_optimizer(cfg.optim, method, lr=0.5)

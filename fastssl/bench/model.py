@@ -21,9 +21,10 @@ from fastssl.bench.augment import SyntheticViews
 from fastssl.bench.record import BenchRecord, Column, Panel, describe_device, new_record, print_table, save_plot
 from fastssl.bench.sweep import check_names, console, grid, note, parse_list, with_oom_backoff
 from fastssl.bench.timing import TimedWindow
-from fastssl.bench.trainstep import TrainingStep, make_accelerator
+from fastssl.bench.trainstep import TrainingStep
 from fastssl.config import Config, apply_overrides, config_from_dict, load_yaml
 from fastssl.errors import UserError, resolve_compile
+from fastssl.step import make_accelerator
 
 from pipelines.augment import spec_for
 
@@ -150,7 +151,7 @@ def resolve_training(args) -> dict:
             raise UserError(f"{option} {value}; expected an integer >= {minimum}")
     base = apply_overrides(load_yaml(args.recipe), list(args.overrides))
     cfg = config_from_dict(base)
-    accelerator = make_accelerator(args.device, cfg.train.precision)
+    accelerator = make_accelerator(cfg.train.precision, args.device)
     cpu = accelerator.device.type == "cpu"
     defaults = CPU_DEFAULTS if cpu else dict(GPU_DEFAULTS, batch=cfg.data.batch_size)
     batches = parse_list(args.batch, "--batch", minimum=1) if args.batch else [defaults["batch"]]

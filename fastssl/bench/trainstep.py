@@ -10,23 +10,12 @@ import torch
 
 from fastssl.bench import flops
 from fastssl.config import Config
-from fastssl.errors import resolve_compile, resolve_device
+from fastssl.errors import resolve_compile
 from fastssl.optim import build_optimizer
 from fastssl.schedule import scaled_lr
-from fastssl.step import (build_training_method, channels_last_views, compile_networks, ddp_options, forward_backward,
-                          optimizer_step, resolve_precision)
+from fastssl.step import build_training_method, channels_last_views, compile_networks, forward_backward, optimizer_step
 
 from pipelines.base import ViewBatch
-
-
-def make_accelerator(device: str = "auto", precision: str = "auto"):
-    """One Accelerator per benchmark process (accelerate's state is a process-wide singleton)."""
-    from accelerate import Accelerator
-
-    cpu = resolve_device(device) == "cpu"
-    # resolve_precision picks bf16 whenever a GPU exists; a run forced onto the CPU trains in fp32 as train.py does.
-    return Accelerator(mixed_precision="no" if cpu else resolve_precision(precision), cpu=cpu,
-                       kwargs_handlers=[ddp_options()])
 
 
 class TrainingStep:
