@@ -18,11 +18,35 @@ _EXTRA_MODULES = {"dali": "nvidia.dali", "ffcv": "ffcv", "triton": "triton"}
 _EXTRA_PROGRAMS = {"compiler": ("g++", "c++")}  # torch.compile's CPU backend (tests/test_compile.py)
 
 
+def _session_tmpdir() -> None:
+    """Every temporary file of the suite's processes (torchrun's torchelastic_* folders, multiprocessing's pymp-*,
+    inductor's cache, tools' temporary files) in one folder that the session removes: left in /tmp they outlive
+    the run, and CI machines share that disk."""
+    import tempfile
+
+    # pytest's own tmp_path folders stay where they were (a failed test's are kept for a look, by its retention).
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+    tmp = tempfile.mkdtemp(prefix="fastssl-tests-")
+    os.environ["TMPDIR"] = tmp  # child processes
+    tempfile.tempdir = tmp  # this process (gettempdir caches its first answer)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+    import tempfile
+
+    tmp = os.environ.get("TMPDIR", "")
+    if os.path.basename(tmp).startswith("fastssl-tests-"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tempfile.tempdir = None
+
+
 def pytest_sessionstart(session):
     import shutil
 
     import torch
 
+    _session_tmpdir()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     for extra in filter(None, os.environ.get("FASTSSL_REQUIRE_EXTRAS", "").split(",")):
         if extra in _EXTRA_PROGRAMS:
