@@ -82,25 +82,34 @@ class LAMB(torch.optim.Optimizer):
         loss = closure() if closure is not None else None
         for g in self.param_groups:
             b1, b2 = g["betas"]
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
+            # Whole-group _foreach ops, as LARS: ~12 kernels per parameter in a Python loop otherwise.
+            grads, ms, vs, steps = [p.grad for p in params], [], [], []
+            for p in params:
                 state = self.state[p]
                 if not state:
-                    state["step"] = 0
-                    state["m"] = torch.zeros_like(p)
-                    state["v"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"]
-                m, v = state["m"], state["v"]
-                m.mul_(b1).add_(p.grad, alpha=1 - b1)
-                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                r = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt().add_(g["eps"]))
-                if g["weight_decay"]:
-                    r.add_(p, alpha=g["weight_decay"])
-                if g["adapt"]:
-                    r.mul_(_trust_ratio(torch.linalg.vector_norm(p), torch.linalg.vector_norm(r), 1.0))
-                p.add_(r, alpha=-g["lr"])
+                    state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                state["step"] += 1  # per parameter: one without a gradient in a step keeps its own count
+                ms.append(state["m"])
+                vs.append(state["v"])
+                steps.append(state["step"])
+            torch._foreach_mul_(ms, b1)
+            torch._foreach_add_(ms, grads, alpha=1 - b1)
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, grads, grads, value=1 - b2)
+            denom = torch._foreach_div(vs, [1 - b2 ** t for t in steps])
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, g["eps"])
+            r = torch._foreach_div(ms, [1 - b1 ** t for t in steps])
+            torch._foreach_div_(r, denom)
+            if g["weight_decay"]:
+                torch._foreach_add_(r, params, alpha=g["weight_decay"])
+            if g["adapt"]:
+                ratios = _trust_ratio(torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(r)), 1.0)
+                torch._foreach_mul_(r, list(ratios.unbind()))
+            torch._foreach_add_(params, r, alpha=-g["lr"])
         return loss
 
 

@@ -25,7 +25,9 @@ def _grads(step: int, shapes):
     return [rng.normal(size=s) for s in shapes]
 
 
-def _run(opt_factory, ref_update, steps=4, wd=0.01):
+def _run(opt_factory, ref_update, steps=4, wd=0.01, missing=()):
+    """`missing`: (step, parameter index) pairs whose gradient is None in that step: the parameter is not
+    updated, and its own step count (t in the references) does not advance."""
     m = _model()
     groups = param_groups(m, wd)
     opt = opt_factory(groups)
@@ -34,13 +36,16 @@ def _run(opt_factory, ref_update, steps=4, wd=0.01):
     decay = [g["weight_decay"] for g in groups for _ in g["params"]]
     ref = [p.detach().double().numpy().copy() for p in params]
     state = [dict() for _ in params]
+    counts = [0] * len(params)
     for t in range(1, steps + 1):
         gs = _grads(t, [p.shape for p in params])
-        for p, g in zip(params, gs):
-            p.grad = torch.tensor(g, dtype=p.dtype)
+        for i, (p, g) in enumerate(zip(params, gs)):
+            p.grad = None if (t, i) in missing else torch.tensor(g, dtype=p.dtype)
         opt.step()
         for i, g in enumerate(gs):
-            ref[i] = ref_update(ref[i], g, state[i], t, decay[i], adapt[i])
+            if (t, i) not in missing:
+                counts[i] += 1
+                ref[i] = ref_update(ref[i], g, state[i], counts[i], decay[i], adapt[i])
     for p, r in zip(params, ref):
         np.testing.assert_allclose(p.detach().double().numpy(), r, rtol=2e-5, atol=1e-6)
     return m
@@ -93,6 +98,19 @@ def test_lars_matches_moco_v3_pseudocode():
 def test_lamb_matches_you_et_al_algorithm_2():
     lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-6
     _run(lambda g: LAMB(g, lr=lr, betas=(b1, b2), eps=eps), _lamb_reference(lr, b1, b2, eps))
+
+
+@pytest.mark.parametrize("opt", ["lars", "lamb"])
+def test_a_parameter_without_a_gradient_keeps_its_state(opt):
+    # Parameter 0 (a weight: trust ratio) has no gradient in steps 2 and 3, parameter 2 (a bias: none) in step 1:
+    # they are left as they are, and LAMB's bias corrections use each parameter's own step count.
+    missing = {(2, 0), (3, 0), (1, 2)}
+    if opt == "lars":
+        _run(lambda g: LARS(g, lr=0.5, momentum=0.9, trust_coefficient=0.001), _lars_reference(0.5, 0.9, 0.001),
+             missing=missing)
+    else:
+        _run(lambda g: LAMB(g, lr=0.01, betas=(0.9, 0.999), eps=1e-6), _lamb_reference(0.01, 0.9, 0.999, 1e-6),
+             missing=missing)
 
 
 @pytest.mark.parametrize("name", ["lars", "lamb", "adamw", "sgd"])
