@@ -77,8 +77,23 @@ def cli_main(fn: Callable[..., int | None]) -> Callable[..., int]:
         except KeyboardInterrupt:
             print(_error_line("interrupted"), file=sys.stderr)
             return 130
+        except Exception as e:
+            if not _compiler_failed(e):
+                raise
+            reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            print(_error_line(f"torch.compile could not build its kernels: {reason}; run eager with model.compile=false "
+                              "data.compile=false (bench: --compile false)"), file=sys.stderr)
+            return 2
 
     return wrapper
+
+
+def _compiler_failed(error: BaseException) -> bool:
+    """torch.compile's backend failed (no working C++ compiler on a CPU, or Triton's build of its launcher on a
+    GPU): a fact of the machine, answered with one line and the switch that avoids it. Found by class name, so
+    that this module imports no torch."""
+    return any(c.__name__ == "BackendCompilerFailed" and c.__module__.startswith("torch._dynamo")
+               for c in type(error).__mro__)
 
 
 class ArgumentParser(argparse.ArgumentParser):

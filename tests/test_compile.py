@@ -108,3 +108,22 @@ def test_a_drloc_methods_token_path_is_compiled_too():
     assert method.drloc is not None
     compile_networks(method)
     assert hasattr(method.encoder.forward_features, "_torchdynamo_orig_callable")
+
+
+def test_no_working_compiler_is_a_one_line_error(tmp_path):
+    """model.compile=true on a machine whose C++ compiler is missing (here: CXX names none): one line naming
+    inductor's reason and the switches that train eager, exit 2, no traceback, no checkpoint."""
+    from fastssl.data.synthetic import make_synthetic_dataset
+
+    from conftest import assert_user_error, run_tool
+
+    data = tmp_path / "ds"
+    make_synthetic_dataset(data, classes=2, train_per_class=4, val_per_class=1, size=16, seed=0)
+    proc = run_tool("tools/train.py", str(ROOT / "recipes/simclr_resnet18_synthetic.yaml"), f"data.path={data}/train",
+                    "eval.knn_val_path=", f"output_dir={tmp_path / 'run'}", "data.image_size=16", "data.batch_size=4",
+                    "data.workers=0", "train.max_steps=2", "train.progress=false", "model.compile=true",
+                    env={"CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"})
+    assert_user_error(proc, "torch.compile could not build its kernels", "No working C++ compiler",
+                      "model.compile=false data.compile=false")
+    assert proc.returncode == 2
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
