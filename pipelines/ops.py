@@ -87,19 +87,18 @@ class ViewParams:
 
 
 @functools.lru_cache(maxsize=64)
-def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A small constant on `device`, made once (callers never write to it). torch.tensor(list, device=cuda)
-    copies from pageable memory, which first waits for all work queued on the stream: a host sync per call,
-    ten per training step, that would stop the CPU from running ahead of the GPU."""
+def _cached_constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(values, device=device, dtype=dtype)
 
 
-def _const(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """`_constant`, or inside a compiled graph a plain tensor (a graph constant; dynamo would trace through
-    the cache wrapper and warn)."""
+def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small constant on `device`, made once (callers never write to it). torch.tensor(list, device=cuda)
+    copies from pageable memory, which first waits for all work queued on the stream: a host sync per call,
+    ten per training step, that would stop the CPU from running ahead of the GPU. Inside a compiled graph a
+    plain tensor, which becomes a constant of the graph (dynamo would trace through the cache and warn)."""
     if torch.compiler.is_compiling():
         return torch.tensor(values, device=device, dtype=dtype)
-    return _constant(values, device, dtype)
+    return _cached_constant(values, device, dtype)
 
 
 def sample_view_params(n: int, view: ViewSpec, generator: torch.Generator, device=None) -> ViewParams:
@@ -231,7 +230,7 @@ def color_jitter(x: torch.Tensor, params: ViewParams, view: ViewSpec) -> torch.T
     each of the 4 positions costs one blend for the whole batch (factor 1, an exact identity, for samples
     whose op there is hue or that skip jitter) plus one masked hue rotation.
     """
-    identity = _const((1.0, 1.0, 1.0, 0.0), x.device, torch.float32)
+    identity = _constant((1.0, 1.0, 1.0, 0.0), x.device, torch.float32)
     factors = torch.where(params.jitter[:, None], params.factors, identity)
     for k in range(4):
         op = params.order[:, k]
@@ -268,8 +267,8 @@ def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = _const(tuple(mean), x.device, x.dtype).reshape(1, -1, 1, 1)
-    s = _const(tuple(std), x.device, x.dtype).reshape(1, -1, 1, 1)
+    m = _constant(tuple(mean), x.device, x.dtype).reshape(1, -1, 1, 1)
+    s = _constant(tuple(std), x.device, x.dtype).reshape(1, -1, 1, 1)
     return (x - m) / s
 
 

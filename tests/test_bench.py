@@ -61,6 +61,7 @@ def test_loader_bench_writes_record_table_and_plot(folder, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "views/s" in proc.stdout and "pil" in proc.stdout
     record = check_record(out, "loader")
+    assert record.config["augment_compiled"] is False  # data.compile=auto compiles on CUDA only
     assert set(SCHEMA_FIELDS) == set(record.__dataclass_fields__)
     rows = {(r["backend"], r["workers"]): r for r in record.figures}
     assert set(rows) == {("torch", 0), ("torch", 1), ("pil", 0), ("pil", 1)}
@@ -323,6 +324,7 @@ def test_model_bench_compares_eager_and_compiled(tmp_path):
     assert proc.returncode == 0, proc.stderr
     eager, compiled = check_record(out, "model").figures
     assert (eager["compiled"], compiled["compiled"]) == (False, True)
+    assert (eager["augment_compiled"], compiled["augment_compiled"]) == (False, True)  # as the trainer would
     # FLOPs are counted eagerly before compiling: the same model, the same count.
     assert compiled["gflops_per_image"] == eager["gflops_per_image"] > 0
 
@@ -361,6 +363,18 @@ def test_augment_bench_compiled_row_is_checked_against_eager():
     assert row.compiled and 0 <= row.max_diff_vs_eager < 5e-5  # a number computed from compiled views
 
 
+@pytest.mark.compile
+def test_model_bench_keeps_a_pinned_data_compile(tmp_path):
+    # --compile switches data.compile with model.compile unless the command pins it (gpu_bench's largest-batch
+    # parts compare compiled networks alone).
+    out = tmp_path / "model.json"
+    proc = run_tool("tools/bench.py", "model", "--compile", "false", "--batch", "8", "--steps", "1", "--warmup", "1",
+                    "--device", "cpu", *TINY_MODEL, "data.compile=true", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    (row,) = check_record(out, "model").figures
+    assert (row["compiled"], row["augment_compiled"]) == (False, True)
+
+
 # --- step ---------------------------------------------------------------------------------------------------
 
 def test_step_bench_end_to_end(folder, tmp_path):
@@ -369,7 +383,9 @@ def test_step_bench_end_to_end(folder, tmp_path):
                     "--device", "cpu", f"data.path={folder}", *TINY_MODEL, "--json", str(out), "--plot", str(png))
     assert proc.returncode == 0, proc.stderr
     assert "ratio" in proc.stdout
-    (row,) = check_record(out, "step").figures
+    record = check_record(out, "step")
+    assert (record.config["data_compile"], record.config["model_compile"]) == ("auto", "auto")
+    (row,) = record.figures
     assert row["backend"] == "torch" and row["workers"] == 0 and row["batch"] == 8
     assert row["input_bound_ratio"] == pytest.approx(row["images_per_s"] / row["model_images_per_s"], rel=1e-12)
     assert row["data_wait_fraction"] == pytest.approx(row["data_wait_s"] / row["wall_s"], rel=1e-12)

@@ -22,7 +22,7 @@ from fastssl.bench.record import BenchRecord, Column, Panel, describe_device, ne
 from fastssl.bench.sweep import check_names, console, grid, note, parse_list
 from fastssl.bench.timing import TimedWindow, WindowFigures
 from fastssl.config import DataConfig
-from fastssl.errors import UserError, resolve_device
+from fastssl.errors import UserError, resolve_compile, resolve_device
 
 from pipelines.augment import PRESETS, AugmentSpec, preset
 from pipelines.base import LoaderContext, ViewLoader, build_loader
@@ -244,7 +244,9 @@ def run(args) -> BenchRecord:
     config = dict(data=args.data, beton=args.beton or "converted from data (JPEG quality 90)",
                   shards=args.shards or None, backends=names, batch=batches, workers=workers, image_size=args.size,
                   augment=args.augment, batches=args.batches, warmup=args.warmup, device=str(ctx.device),
-                  torch_threads=torch.get_num_threads(), workers_meaning=WORKERS_MEANING, skipped=skipped)
+                  torch_threads=torch.get_num_threads(), workers_meaning=WORKERS_MEANING, skipped=skipped,
+                  # data.compile=auto: the torch and FFCV backends' views through torch.compile on CUDA
+                  augment_compiled=resolve_compile("auto", ctx.device, "data.compile"))
     return new_record("loader", config, rows, describe_device(ctx.device))
 
 

@@ -45,7 +45,8 @@ class ModelFigures:
     encoder: str
     image_size: int
     batch: int  # per process
-    compiled: bool
+    compiled: bool  # the networks (model.compile)
+    augment_compiled: bool  # the views (data.compile)
     precision: str
     steps: int
     images_per_s: float
@@ -66,8 +67,8 @@ def bench_model(cfg: Config, accelerator, steps: int, warmup: int, source_size: 
     device = accelerator.device
     spec = spec_for(cfg.data)  # the recipe's augmentations, data.crop_scale included, as train.py builds them
     batch = cfg.data.batch_size // accelerator.num_processes
-    synthetic = SyntheticViews(spec, batch, source_size or cfg.data.image_size, device, cfg.seed,
-                               resolve_compile(cfg.data.compile, device, "data.compile"))
+    augment_compiled = resolve_compile(cfg.data.compile, device, "data.compile")
+    synthetic = SyntheticViews(spec, batch, source_size or cfg.data.image_size, device, cfg.seed, augment_compiled)
     step = TrainingStep(cfg, accelerator)
     try:
         flops_per_step = None
@@ -96,7 +97,7 @@ def bench_model(cfg: Config, accelerator, steps: int, warmup: int, source_size: 
     math_dtype, peak = flops.device_peak(device, step.precision if step.precision != "no" else "fp32")
     return ModelFigures(
         method=cfg.method.name, encoder=cfg.model.encoder, image_size=cfg.data.image_size, batch=batch,
-        compiled=step.compiled, precision=step.precision, steps=steps,
+        compiled=step.compiled, augment_compiled=augment_compiled, precision=step.precision, steps=steps,
         images_per_s=batch * steps_per_s, step_ms=1000.0 / steps_per_s,
         gflops_per_image=flops_per_step / batch / 1e9 if flops_per_step else None,
         tflops=flops.achieved_tflops(flops_per_step, steps_per_s) if flops_per_step else None,
@@ -190,14 +191,16 @@ def run(args) -> BenchRecord:
     if args.source_size < 0 or 0 < args.source_size < 8:
         raise UserError(f"--source-size {args.source_size}; expected 0 (the image size) or at least 8 pixels")
     acc = t["accelerator"]
+    # --compile switches the augmentation too (the trainer's data.compile), unless an override pins it.
+    pinned_augment = any(o.startswith("data.compile=") for o in args.overrides)
     rows = []
     for point in grid(method=methods, encoder=encoders, compile=compiles, batch=t["batches"]):
         note(f"model {point['method']} / {point['encoder']} batch {point['batch']} compile={point['compile']}")
 
         def measure(batch: int, point=point) -> ModelFigures:
             c = config_for(t["base"], **{"method.name": point["method"], "model.encoder": point["encoder"],
-                                         "model.compile": point["compile"], "data.compile": point["compile"],
-                                         "data.batch_size": batch})
+                                         "model.compile": point["compile"], "data.batch_size": batch,
+                                         **({} if pinned_augment else {"data.compile": point["compile"]})})
             return bench_model(c, acc, t["steps"], t["warmup"], args.source_size)
 
         result = with_oom_backoff(measure, point["batch"], t["min_batch"], acc.device, on_retry=note)

@@ -192,7 +192,8 @@ def run(args) -> BenchRecord:
             rows.append(dict(asdict(result.value), batch_requested=point["batch"]))
     config = dict(recipe=args.recipe, overrides=list(args.overrides), data=cfg.data.path, backends=names,
                   skipped=skipped, batch=t["batches"], workers=workers, steps=t["steps"], warmup=t["warmup"],
-                  min_batch=t["min_batch"], torch_threads=torch.get_num_threads())
+                  min_batch=t["min_batch"], torch_threads=torch.get_num_threads(), data_compile=cfg.data.compile,
+                  model_compile=cfg.model.compile)
     return new_record("step", config, rows, describe_device(acc.device))
 
 
