@@ -41,7 +41,7 @@ class FFCVViewLoader:
 
     def __init__(self, path: str, spec: AugmentSpec, ctx: LoaderContext, *, batch_size: int, workers: int = 1,
                  order: str = "shared", os_cache: bool = True, drop_last: bool = True, device: str = "auto",
-                 decode: str = "once", batches_ahead: int = 2, compile: str = "auto"):
+                 decode: str = "once", batches_ahead: int = 2, compile_augment: str = "auto"):
         import_ffcv()
         import numba
         from ffcv.loader import Loader, OrderOption
@@ -62,7 +62,7 @@ class FFCVViewLoader:
         self.path, self.spec, self.ctx = str(path), spec, ctx
         self.global_batch, self.drop_last, self.order = batch_size, drop_last, order
         self.device = data_device(device, ctx)
-        self.compiled = resolve_compile(compile, self.device, "data.compile")
+        self.compiled = resolve_compile(compile_augment, self.device, "data.compile")
         meta = reader.metadata[f"f{list(reader.handlers).index(IMAGE_FIELD)}"]
         self.heights = meta["height"].astype(np.int64)
         self.widths = meta["width"].astype(np.int64)
@@ -222,4 +222,4 @@ def build_ffcv_loader(data_cfg, spec: AugmentSpec, ctx: LoaderContext) -> FFCVVi
     return FFCVViewLoader(data_cfg.path, spec, ctx, batch_size=data_cfg.batch_size, workers=data_cfg.workers,
                           order=data_cfg.ffcv_order, os_cache=data_cfg.ffcv_os_cache,
                           drop_last=data_cfg.drop_last, device=data_cfg.device, decode=data_cfg.ffcv_decode,
-                          compile=data_cfg.compile)
+                          compile_augment=data_cfg.compile)
