@@ -146,6 +146,10 @@ def _stopped_by(signal_name: str, step: int, total: int, run_dir: Path, world: i
     return {"stopped_at_step": step, "signal": signal_name}
 
 
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
 def train(cfg: Config) -> dict:
     from accelerate.utils import set_seed
 
@@ -168,7 +172,8 @@ def train(cfg: Config) -> dict:
     # Same seed on every process: identical initial weights. View randomness is per rank (batch_seed).
     set_seed(cfg.seed)
     method, channels_last = build_training_method(cfg, accelerator.device)  # checks the config before any data
-    if resolve_compile(cfg.model.compile, accelerator.device):
+    networks_compiled = resolve_compile(cfg.model.compile, accelerator.device)
+    if networks_compiled:
         compile_networks(method)
     # The model's own draws (drop-path masks, DRLoc's cell pairs) must differ across processes, or every rank
     # drops the same samples' branches: each process after the first moves to a stream of its own.
@@ -243,7 +248,10 @@ def train(cfg: Config) -> dict:
                        + (f" in {cfg.train.grad_accum} micro-batches of {per_device // cfg.train.grad_accum}"
                           if cfg.train.grad_accum > 1 else "")
                        + f"; peak lr {peak_lr:.4g} ({cfg.optim.lr} x {cfg.optim.lr_scaling} scaling); "
-                       f"precision {accelerator.mixed_precision}; device {accelerator.device}")
+                       f"precision {accelerator.mixed_precision}; device {accelerator.device}; torch.compile: networks "
+                       + _yes_no(networks_compiled)
+                       # DALI makes its views in its own graph: no such switch
+                       + ("" if getattr(loader, "compiled", None) is None else f", views {_yes_no(loader.compiled)}"))
         if cfg.train.grad_accum > 1:
             progress.print("warning: gradient accumulation changes the loss: each micro-batch's negatives are "
                            "only its own samples, not the global batch")

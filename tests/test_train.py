@@ -53,6 +53,7 @@ def test_cli_run_writes_config_metrics_checkpoint_and_summary(tiny_data, tmp_pat
     assert "kNN top-1" in proc.stdout and "random init" in proc.stdout
     # The global-batch arithmetic is printed at start even with train.progress=false (per-step lines off).
     assert "global batch 8 = 1 process(es) x 8; peak lr 0.03125 (1.0 x linear scaling)" in proc.stdout
+    assert "device cpu; torch.compile: networks no, views no\n" in proc.stdout  # auto: on CUDA only
     assert "\nstep 1 " not in proc.stdout
     saved = load_config(out / "config.yaml")
     assert saved == load_config(RECIPE, _overrides(tiny_data, out))
