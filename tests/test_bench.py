@@ -338,11 +338,31 @@ def test_augment_bench_end_to_end(tmp_path):
                     "--plot", str(png))
     assert proc.returncode == 0, proc.stderr
     rows = check_record(out, "augment").figures
-    assert [(r["batch"], r["compiled"], r["source_size"]) for r in rows] == [(4, False, 32), (8, False, 32)]
+    assert [(r["batch"], r["batch_requested"], r["compiled"], r["source_size"]) for r in rows] == \
+        [(4, 4, False, 32), (8, 8, False, 32)]
     for r in rows:
         assert r["pairs_per_s"] == pytest.approx(r["batch"] * 1000.0 / r["ms_per_batch"], rel=1e-12)
         assert r["cuda_kernels"] is None and r["peak_mem_gib"] is None and r["max_diff_vs_eager"] is None
     assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_augment_bench_backs_off_on_injected_oom(monkeypatch):
+    from fastssl.bench import augment as bench_augment
+    from pipelines import ops
+
+    real = ops.make_view
+
+    def tight_memory(images, *args, **kwargs):
+        if images.shape[0] > 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected above batch 8)")
+        return real(images, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "make_view", tight_memory)
+    record = bench_augment.run(parse(bench_augment, ["--batch", "32", "--size", "16", "--compile", "false",
+                                                     "--steps", "1", "--warmup", "0", "--device", "cpu"]))
+    (row,) = record.figures
+    assert (row["batch_requested"], row["batch"]) == (32, 8)  # halved twice, down to the floor of 8
+    assert row["pairs_per_s"] == pytest.approx(8 * 1000.0 / row["ms_per_batch"], rel=1e-12)
 
 
 def test_augment_bench_counts_profiled_operators():

@@ -5,6 +5,7 @@ torch and FFCV backends do after their decode. Each row times --steps calls (eve
 random parameters each call) after --warmup calls (compilation happens there). On CUDA a profiled call
 counts the kernels launched, and the peak memory is the allocator's. A compiled row also reports its largest
 difference from eager on the same batch and parameters: a speed-up that changed the views would not count.
+Out of memory, a batch is halved (down to 8) as in `bench model`; `batch` is what ran, `batch_requested` beside it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from fastssl.bench.record import BenchRecord, Column, Panel, describe_device, new_record, print_table, save_plot
-from fastssl.bench.sweep import check_names, console, note, parse_list
+from fastssl.bench.sweep import check_names, console, note, parse_list, with_oom_backoff
 from fastssl.bench.timing import TimedWindow, synchronize
 from fastssl.errors import UserError, resolve_device
 
@@ -147,8 +148,11 @@ def run(args) -> BenchRecord:
     for batch in batches:
         for flag in compiles:
             note(f"augment {args.augment} {args.size}px batch {batch} compile={flag}")
-            rows.append(asdict(bench_augment(spec, args.augment, batch, source, flag == "true", device, args.steps,
-                                             args.warmup, args.seed)))
+            result = with_oom_backoff(
+                lambda b, flag=flag: bench_augment(spec, args.augment, b, source, flag == "true", device, args.steps,
+                                                   args.warmup, args.seed),
+                batch, min(8, batch), device, on_retry=note)
+            rows.append(dict(asdict(result.value), batch_requested=batch))
     config = dict(augment=args.augment, size=args.size, source_size=source, batch=batches, compile=compiles,
                   steps=args.steps, warmup=args.warmup, seed=args.seed, torch_threads=torch.get_num_threads())
     return new_record("augment", config, rows, describe_device(device))
