@@ -5,6 +5,8 @@ channels-last, compiled networks), autocast, backward over micro-batches and the
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 
 import torch
 
@@ -51,12 +53,21 @@ def ddp_options():
 def make_accelerator(precision: str = "auto", device: str = "auto"):
     """The Accelerator of the loop and of the benchmarks (one per process: accelerate's state is a process-wide
     singleton): train.precision, the CPU when torch sees no GPU or `device` says so (`--device cpu` in the
-    benchmarks; fp32 there, as resolve_precision gives a CPU), DDP's ddp_options."""
+    benchmarks; fp32 there, as resolve_precision gives a CPU), DDP's ddp_options.
+
+    Never accelerate's own torch.compile: an accelerate config with a dynamo backend (`accelerate config` asks)
+    would wrap the whole method, momentum updates and queue included, on top of model.compile's networks. It
+    is set aside with a one-line note, and model.compile / data.compile decide."""
     from accelerate import Accelerator
 
     cpu = resolve_device(device) == "cpu"
-    return Accelerator(mixed_precision="no" if cpu else resolve_precision(precision), cpu=cpu,
-                       kwargs_handlers=[ddp_options()])
+    asked = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no")
+    accelerator = Accelerator(mixed_precision="no" if cpu else resolve_precision(precision), cpu=cpu,
+                              kwargs_handlers=[ddp_options()], dynamo_backend="no")
+    if asked.lower() != "no" and accelerator.is_main_process:
+        print(f"note: the accelerate config's dynamo_backend={asked} is not used; fastssl compiles with "
+              "model.compile and data.compile (auto: on CUDA)", file=sys.stderr)
+    return accelerator
 
 
 def build_training_method(cfg: Config, device: torch.device):

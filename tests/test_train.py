@@ -46,6 +46,16 @@ def _cfg(data, out, *extra, recipe=RECIPE):
     return load_config(recipe, _overrides(data, out, *extra))
 
 
+def test_an_accelerate_dynamo_backend_is_set_aside_with_a_note():
+    # `accelerate config` can set a dynamo backend (ACCELERATE_DYNAMO_BACKEND under `accelerate launch`):
+    # accelerate would then torch.compile the whole method in prepare(), beside model.compile's networks.
+    code = "from fastssl.step import make_accelerator; print(make_accelerator().state.dynamo_plugin.backend.value)"
+    proc = run_tool("-c", code, env={"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["NO"]
+    assert "dynamo_backend=INDUCTOR is not used; fastssl compiles with model.compile and data.compile" in proc.stderr
+
+
 def test_cli_run_writes_config_metrics_checkpoint_and_summary(tiny_data, tmp_path):
     out = tmp_path / "run"
     proc = run_tool("tools/train.py", str(RECIPE), *_overrides(tiny_data, out))
