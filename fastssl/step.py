@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 
 import torch
 
@@ -37,6 +38,12 @@ def split_batch(batch: ViewBatch, parts: int) -> list[ViewBatch]:
     views = [v.chunk(parts) for v in batch.views]
     return [ViewBatch(tuple(v[i] for v in views), batch.labels.chunk(parts)[i], batch.indices.chunk(parts)[i])
             for i in range(parts)]
+
+
+# torch >= 2.12 deprecates DDP's broadcast_buffers for forward_sync_buffers, on every rank of every run. The two
+# differ only in the sync at construction (ranks start from the same seed here), and accelerate's
+# DistributedDataParallelKwargs has no forward_sync_buffers yet: this notice alone is silenced, once.
+warnings.filterwarnings("ignore", message=r"`broadcast_buffers` is deprecated", category=FutureWarning)
 
 
 def ddp_options():
