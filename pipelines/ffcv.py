@@ -176,7 +176,8 @@ class FFCVViewLoader:
         g = torch.Generator(device=self.device)
         g.manual_seed(batch_seed(self.ctx.seed, epoch, step, self.ctx.process_index))
         s, views = self.spec, []
-        shared = to_device(out[IMAGE_FIELD]) if self.decode == "once" else None
+        # decode="once": converted to floats once for both views (crop_resize needs floats)
+        shared = to_device(out[IMAGE_FIELD]).float() if self.decode == "once" else None
         for v, view in enumerate(s.views):
             images, table = (shared, self.regions) if shared is not None else (to_device(out[f"view{v}"]),
                                                                                  self.view_regions[v])

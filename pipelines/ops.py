@@ -123,7 +123,8 @@ def sample_view_params(n: int, view: ViewSpec, generator: torch.Generator, devic
 
 
 def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Cut boxes (y0, x0, h, w) out of a uint8 N x 3 x H x W batch and resize each to size x size, in [0, 1].
+    """Cut boxes (y0, x0, h, w) out of an N x 3 x H x W batch of 0-255 values (uint8, or already float32: the
+    backends convert a batch once for all its views) and resize each to size x size, in [0, 1].
 
     roi_align with aligned=True samples at half-pixel centres like torchvision's bilinear resize, and with
     sampling_ratio=-1 it averages ceil(box / size) x ceil(box / size) bilinear samples per output pixel:
@@ -314,7 +315,8 @@ def apply_view(images: torch.Tensor, boxes: torch.Tensor, params: ViewParams, vi
 
 def make_view(images: torch.Tensor, boxes: torch.Tensor, view: ViewSpec, size: int, mean, std,
               generator: torch.Generator, compiled: bool = False) -> torch.Tensor:
-    """One augmented view of a padded uint8 N x 3 x H x W batch: float N x 3 x size x size, normalised.
+    """One augmented view of a padded N x 3 x H x W batch (uint8 or float32 0-255, see `crop_resize`): float
+    N x 3 x size x size, normalised.
 
     `boxes` (N, 4) are (y0, x0, h, w) in pixels of `images`; the other parameters are drawn per sample
     from `generator` (on any device; the draws are moved to the images' device). `compiled`: see

@@ -158,7 +158,7 @@ class TorchViewLoader:
 
     def _make_views(self, raw: RegionBatch) -> ViewBatch:
         dev, target = self.aug_device, self.ctx.device
-        pixels = raw.pixels.to(dev, non_blocking=True)
+        pixels = raw.pixels.to(dev, non_blocking=True).float()  # once for both views (crop_resize needs floats)
         boxes = raw.boxes.to(dev, non_blocking=True)
         gen = torch.Generator(device=dev)
         gen.manual_seed(batch_seed(self.ctx.seed, raw.epoch, raw.step, self.ctx.process_index))

@@ -311,6 +311,17 @@ def test_make_view_shape_determinism_and_normalisation():
     torch.testing.assert_close(plain, expect, rtol=0, atol=1e-6)
 
 
+def test_a_batch_converted_to_float_once_gives_the_same_views():
+    # The backends convert a batch to float32 once for all its views; the views must not change.
+    imgs = torch.randint(0, 256, (6, 3, 30, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    boxes = torch.from_numpy(ops.sample_crop_boxes([30] * 6, [40] * 6, (0.08, 1), (3 / 4, 4 / 3),
+                                                   np.random.default_rng(0))).float()
+    view = ViewSpec(solarize_p=0.5)
+    a, b = (ops.make_view(x, boxes, view, 16, (0.5,) * 3, (0.25,) * 3, torch.Generator().manual_seed(3))
+            for x in (imgs, imgs.float()))
+    assert torch.equal(a, b)
+
+
 def test_accelerator_path_gives_the_cpu_paths_values(monkeypatch):
     # On accelerators masked ops are computed densely and selected (no host sync); on the CPU only the
     # selected samples are computed. Both must give the same views (per-sample ops: bitwise equal).

@@ -50,8 +50,8 @@ class SyntheticViews:
         if call is None:
             call, self._calls = self._calls, self._calls + 1
         gen = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + call)
-        s = self.spec
-        views = tuple(ops.make_view(self.images, b, v, s.size, s.mean, s.std, gen, self.compiled)
+        s, images = self.spec, self.images.float()  # once for all views, as the backends do
+        views = tuple(ops.make_view(images, b, v, s.size, s.mean, s.std, gen, self.compiled)
                       for b, v in zip(self.boxes, s.views))
         return ViewBatch(views, self.labels, self.indices)
 
