@@ -1,8 +1,8 @@
 """One optimiser step of a method on a fixed global batch, on 1 process or under torchrun (each rank takes its
 contiguous chunk, as pipelines.base.shard_batches does). Writes the loss (mean over ranks) and the updated
 parameters from rank 0. With a third argument `manual`, DDP's gradient reduction is replaced by a plain
-all-reduce of the same local gradients (the oracle for DDP's own). Used by tests/test_distributed.py; not a
-test module itself."""
+all-reduce of the same local gradients (the oracle for DDP's own); with `compiled`, the networks go through
+the trainer's compile_networks first. Used by tests/test_distributed.py; not a test module itself."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def main(out: str, method_name: str, reduction: str = "ddp") -> None:
 
     from fastssl.config import load_config
     from fastssl.optim import build_optimizer
-    from fastssl.step import build_training_method, make_accelerator, step_logs
+    from fastssl.step import build_training_method, compile_networks, make_accelerator, step_logs
     from pipelines.base import ViewBatch
 
     overrides = {
@@ -37,6 +37,8 @@ def main(out: str, method_name: str, reduction: str = "ddp") -> None:
     acc = make_accelerator(cfg.train.precision)  # the trainer's, DDP options included
     set_seed(0)
     method, _ = build_training_method(cfg, acc.device)
+    if reduction == "compiled":  # where train.py compiles: before the optimiser and accelerate's DDP wrap
+        compile_networks(method)
     opt = build_optimizer(cfg.optim, method, lr=0.5)
     method, opt = acc.prepare(method, opt)
 
@@ -61,7 +63,10 @@ def main(out: str, method_name: str, reduction: str = "ddp") -> None:
     if acc.is_main_process:
         state = {k: v.detach().clone() for k, v in acc.unwrap_model(method).state_dict().items()}
         ddp = {k: getattr(method, k) for k in ("broadcast_buffers", "gradient_as_bucket_view")} if w > 1 else {}
-        torch.save({"loss": loss, "state": state, "world": w, "ddp": ddp}, out)
+        from torch._dynamo.utils import counters
+
+        torch.save({"loss": loss, "state": state, "world": w, "ddp": ddp,
+                    "graphs": counters["stats"]["unique_graphs"]}, out)
     acc.wait_for_everyone()
 
 
