@@ -245,8 +245,8 @@ def run(args) -> BenchRecord:
                   shards=args.shards or None, backends=names, batch=batches, workers=workers, image_size=args.size,
                   augment=args.augment, batches=args.batches, warmup=args.warmup, device=str(ctx.device),
                   torch_threads=torch.get_num_threads(), workers_meaning=WORKERS_MEANING, skipped=skipped,
-                  # data.compile=auto: the torch and FFCV backends' views through torch.compile on CUDA
-                  augment_compiled=resolve_compile("auto", ctx.device, "data.compile"))
+                  # build_view_loader leaves data.compile at its default: whether the torch and FFCV views compiled
+                  augment_compiled=resolve_compile(DataConfig.compile, ctx.device, "data.compile"))
     return new_record("loader", config, rows, describe_device(ctx.device))
 
 
