@@ -28,10 +28,14 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def _trust_ratio(param_norm: torch.Tensor, update_norm: torch.Tensor, eta: float) -> torch.Tensor:
-    # torch.where instead of Python branches: no host sync, and a zero-initialised layer keeps ratio 1.
+def _trust_ratios(params: list[torch.Tensor], updates: list[torch.Tensor], eta: float) -> list[torch.Tensor]:
+    """eta ||p|| / ||update|| per parameter, as 0-d tensors for _foreach_mul. torch.where instead of Python
+    branches: no host sync, and a zero-initialised layer (or a zero update) keeps ratio 1."""
+    param_norm = torch.stack(torch._foreach_norm(params))
+    update_norm = torch.stack(torch._foreach_norm(updates))
     one = torch.ones_like(param_norm)
-    return torch.where(param_norm > 0, torch.where(update_norm > 0, eta * param_norm / update_norm, one), one)
+    return list(torch.where(param_norm > 0, torch.where(update_norm > 0, eta * param_norm / update_norm, one),
+                            one).unbind())
 
 
 class LARS(torch.optim.Optimizer):
@@ -55,9 +59,7 @@ class LARS(torch.optim.Optimizer):
             grads = [p.grad for p in params]
             dps = torch._foreach_add(grads, params, alpha=g["weight_decay"]) if g["weight_decay"] else grads
             if g["adapt"]:
-                ratios = _trust_ratio(torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(dps)),
-                                      g["trust_coefficient"])
-                dps = torch._foreach_mul(dps, list(ratios.unbind()))
+                dps = torch._foreach_mul(dps, _trust_ratios(params, dps, g["trust_coefficient"]))
             mus = []
             for p in params:
                 state = self.state[p]
@@ -107,8 +109,7 @@ class LAMB(torch.optim.Optimizer):
             if g["weight_decay"]:
                 torch._foreach_add_(r, params, alpha=g["weight_decay"])
             if g["adapt"]:
-                ratios = _trust_ratio(torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(r)), 1.0)
-                torch._foreach_mul_(r, list(ratios.unbind()))
+                torch._foreach_mul_(r, _trust_ratios(params, r, 1.0))
             torch._foreach_add_(params, r, alpha=-g["lr"])
         return loss
 
