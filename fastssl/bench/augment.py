@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fastssl.bench.record import BenchRecord, Column, Panel, describe_device, new_record, print_table, save_plot
-from fastssl.bench.sweep import check_names, console, note, parse_list, with_oom_backoff
+from fastssl.bench.sweep import check_minimums, check_names, console, note, parse_list, with_oom_backoff
 from fastssl.bench.timing import TimedWindow, synchronize
 from fastssl.errors import UserError, resolve_device
 
@@ -133,10 +133,8 @@ def bench_augment(spec: AugmentSpec, name: str, batch: int, source_size: int, co
 def run(args) -> BenchRecord:
     device = torch.device(resolve_device(args.device))
     check_names([args.augment], list(PRESETS), "--augment")
-    for option, value, minimum in (("--size", args.size, 8), ("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
-                                   ("--source-size", args.source_size, 0)):
-        if value < minimum:
-            raise UserError(f"{option} {value}; expected an integer >= {minimum}")
+    check_minimums(("--size", args.size, 8), ("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+                   ("--source-size", args.source_size, 0))
     source = args.source_size or 2 * args.size
     if source < args.size // 4:
         raise UserError(f"--source-size {source} for --size {args.size}: expected at least a quarter of the view")

@@ -19,7 +19,7 @@ import torch
 from fastssl.bench import flops
 from fastssl.bench.augment import SyntheticViews
 from fastssl.bench.record import BenchRecord, Column, Panel, describe_device, new_record, print_table, save_plot
-from fastssl.bench.sweep import check_names, console, grid, note, parse_list, with_oom_backoff
+from fastssl.bench.sweep import check_minimums, check_names, console, grid, note, parse_list, with_oom_backoff
 from fastssl.bench.timing import TimedWindow
 from fastssl.bench.trainstep import TrainingStep
 from fastssl.config import Config, apply_overrides, config_from_dict, load_yaml
@@ -146,10 +146,7 @@ def method_names() -> list[str]:
 def resolve_training(args) -> dict:
     """Recipe + overrides checked once, device chosen, defaults for the device filled in."""
     # None = the device's default; 0 is a value the user typed, not "unset".
-    for option, value, minimum in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
-                                   ("--min-batch", args.min_batch, 1)):
-        if value is not None and value < minimum:
-            raise UserError(f"{option} {value}; expected an integer >= {minimum}")
+    check_minimums(("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--min-batch", args.min_batch, 1))
     base = apply_overrides(load_yaml(args.recipe), list(args.overrides))
     cfg = config_from_dict(base)
     accelerator = make_accelerator(cfg.train.precision, args.device)

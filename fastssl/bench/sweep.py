@@ -56,6 +56,13 @@ def parse_list(text: str, option: str, kind: type = int, minimum: int | None = N
     return list(dict.fromkeys(out))  # a repeated value would only measure the same thing twice
 
 
+def check_minimums(*checks: tuple[str, int | None, int]) -> None:
+    """(option, value, minimum) triples, before anything is measured; a value of None is "not given"."""
+    for option, value, minimum in checks:
+        if value is not None and value < minimum:
+            raise UserError(f"{option} {value}; expected an integer >= {minimum}")
+
+
 def check_names(names: Sequence[str], valid: Sequence[str], what: str) -> None:
     """Unknown names fail before anything is measured, listing the valid ones."""
     unknown = [n for n in names if n not in valid]
