@@ -75,20 +75,30 @@ def test_a_batch_of_one_has_no_negatives_so_a_zero_loss_and_gradient(impl):
     assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(y.grad, torch.zeros_like(y))
 
 
-def test_chunked_matches_naive_under_bf16_autocast():
-    # The trainer calls the loss under autocast; the chunked backend runs its matmuls in fp32 whatever the
-    # operand dtype it is handed, so it stays exact.
-    x, y, _ = make_case("nt_xent", 37, 128, 5, torch.float32)
-    ref_loss, _, _ = oracle("nt_xent", x, y, None, 0.1)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_cpu_impls_stay_fp32_under_bf16_autocast(impl, form):
+    # The trainer calls the loss under autocast. On a CPU neither impl rounds anything to bf16 there: naive
+    # turns autocast off (it is the fp32 reference; under autocast its logits came out in bf16 and its
+    # gradients erred by ~3% at T=0.1), chunked runs its matmuls in fp32 whatever operand dtype it is handed.
+    x, y, queue = make_case(form, SIZES[form], 128, 5, torch.float32)
+    x.requires_grad_(), y.requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = losses.nt_xent(x, y, 0.1, impl="chunked")
-    assert loss.dtype == torch.float32
-    assert abs(loss.item() - ref_loss) <= tolerances("float32", 128, 0.1, False)[0]
+        if form == "nt_xent":
+            loss = losses.nt_xent(x, y, 0.1, impl=impl)
+        else:
+            loss = losses.info_nce(x, y, 0.1, queue=queue, impl=impl)
+    loss.backward()  # outside autocast, as accelerate's backward is
+    ref_loss, ref_gx, ref_gy = oracle(form, x, y, queue, 0.1)
+    loss_tol, grad_tol = tolerances("float32", 128, 0.1, False)
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref_loss) <= loss_tol
+    for got, ref in ((x.grad, ref_gx), (y.grad, ref_gy)):
+        assert np.abs(got.double().numpy() - ref).max() / np.abs(ref).max() <= grad_tol
 
 
 @pytest.mark.parametrize("autocast, in_dtype, expected", [
     (False, torch.float32, torch.float32),
-    (True, torch.float32, torch.bfloat16),   # fp32 rows under bf16 autocast: bf16 operands, as naive's matmul
+    (True, torch.float32, torch.bfloat16),   # fp32 rows under bf16 autocast: bf16 operands (Triton's dots)
     (True, torch.bfloat16, torch.bfloat16),  # 16-bit inputs keep their own dtype
     (False, torch.bfloat16, torch.bfloat16),
 ])
@@ -172,8 +182,21 @@ def test_triton_on_cpu_without_interpreter_is_a_user_error(monkeypatch):
     (lambda: losses.info_nce(torch.randn(4, 8), torch.randn(4, 8), queue=torch.randn(9, 7)), "width 7"),
     (lambda: losses.info_nce(torch.randn(8), torch.randn(8)), "shape (8,)"),
     (lambda: losses.nt_xent(torch.randn(4, 8), torch.randn(4, 8), 0.0), "got 0.0"),
+    (lambda: losses.nt_xent(torch.randn(4, 8), torch.randn(4, 8), None), "got None"),
+    (lambda: losses.info_nce(torch.randn(4, 8), torch.randn(4, 8), "0.2"), "got '0.2'"),
+    (lambda: losses.info_nce(torch.randn(4, 8), torch.randn(4, 8), torch.ones(2)), "shape (2,)"),
+    # A learnable temperature would get a gradient from naive only: the fused impls take it as a constant.
+    (lambda: losses.nt_xent(torch.randn(4, 8), torch.randn(4, 8), torch.tensor(0.1, requires_grad=True)),
+     "requires grad"),
 ])
 def test_bad_inputs_are_one_line_user_errors(call, fragment):
     with pytest.raises(UserError) as e:
         call()
     assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_a_one_element_temperature_tensor_is_its_number(impl):
+    x, y, _ = make_case("nt_xent", 9, 16, 2, torch.float32)
+    as_tensor = losses.nt_xent(x, y, torch.tensor([0.2], dtype=torch.float64), impl=impl)
+    assert as_tensor.item() == losses.nt_xent(x, y, 0.2, impl=impl).item()

@@ -129,7 +129,7 @@ def test_wider_rows_than_a_tile_are_a_user_error():
 @pytest.mark.parametrize("form", FORMS)
 def test_fp32_rows_under_bf16_autocast_match_the_oracle_at_bf16_tolerance(form):
     # Training under bf16 autocast hands the loss fp32 rows (the projector ends in BN); the matmuls then run on
-    # bf16 operands, as the naive impl's autocast matmul does -- within the bf16 operand-rounding tolerance
+    # bf16 operands, as a plain autocast matmul would -- within the bf16 operand-rounding tolerance
     # of the float64 oracle, which sees the fp32 inputs exactly.
     x, y, queue = make_case(form, SIZES[form], 128, 5, torch.float32)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):

@@ -6,12 +6,15 @@
     auto     triton on CUDA when it imports (and D <= 256, a tile's width), else chunked
 
 When torch.distributed is initialised the negatives are those of the global batch, gathered with gradients
-(dist.py explains how the gradient scale matches the single-process loss on the concatenated batch).
+(dist.py explains how the gradient scale matches the single-process loss on the concatenated batch). Every
+process must then pass the same N: the gather's contract, which the loaders keep by dropping the last
+incomplete batch (unequal sizes fail inside the collective, not here).
 """
 
 from __future__ import annotations
 
 import importlib
+import numbers
 
 import torch
 
@@ -56,9 +59,19 @@ def _check(name: str, x: torch.Tensor, like: torch.Tensor | None = None) -> None
         raise UserError(f"{name} has feature width {x.shape[1]}, expected {like.shape[1]}")
 
 
-def _check_temperature(t: float) -> None:
-    if not t > 0:
-        raise UserError(f"temperature must be > 0, got {t}")
+def _temperature(t) -> float:
+    """A positive number, as a Python float. A tensor holding one number is accepted if no gradient is asked
+    of it: the fused impls treat the temperature as a constant, so a learnable one would train under `naive`
+    only, and every impl must give the same gradients."""
+    if isinstance(t, torch.Tensor):
+        if t.numel() != 1 or t.requires_grad:
+            raise UserError(f"temperature must be a positive number (a one-element tensor without grad at most), "
+                            f"got a tensor of shape {tuple(t.shape)}"
+                            + (" that requires grad" if t.requires_grad else ""))
+        t = t.item()
+    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not t > 0:
+        raise UserError(f"temperature must be a positive number, got {t!r}")
+    return float(t)
 
 
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.1, *, impl: str = "auto") -> torch.Tensor:
@@ -66,8 +79,7 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.1, *, i
     _check("z_b", z_b, z_a)
     if z_a.shape != z_b.shape:
         raise UserError(f"z_a and z_b must have the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
-    _check_temperature(temperature)
-    return _evaluate(nt_xent_contrast(z_a, z_b, temperature), impl)
+    return _evaluate(nt_xent_contrast(z_a, z_b, _temperature(temperature)), impl)
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, *, queue: torch.Tensor | None = None,
@@ -78,5 +90,4 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, *, queu
         raise UserError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
     if queue is not None:
         _check("queue", queue, q)
-    _check_temperature(temperature)
-    return _evaluate(info_nce_contrast(q, k, temperature, queue), impl)
+    return _evaluate(info_nce_contrast(q, k, _temperature(temperature), queue), impl)

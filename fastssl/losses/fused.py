@@ -44,7 +44,7 @@ def _unit_backward_(x_hat: torch.Tensor, norm: torch.Tensor, grad: torch.Tensor)
 class _FusedContrastive(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchors, candidates, extra_positive, positive_index, temperature, self_offset, backend):
-        # The matmul operands take the autocast dtype when autocast is on, as the naive impl's `a @ c.T` does
+        # The matmul operands take the autocast dtype when autocast is on, as a plain `a @ c.T` would
         # (in training under bf16 the projector's last BN hands the loss fp32 rows); on a GPU that selects the
         # bf16 tensor-core kernel, where exact fp32 Triton dots are ~40x slower (docs/BENCHMARKS.md).
         # Everything else -- normalisation, scaling, log-sum-exp, accumulation -- stays in fp32.

@@ -9,6 +9,13 @@ from fastssl.losses._common import Contrast, info_nce_contrast, nt_xent_contrast
 
 
 def contrastive_loss(c: Contrast) -> torch.Tensor:
+    # In fp32 under autocast too: autocast would round the logits to 16 bits (the positive's, near 1/T, to a
+    # step of ~0.06 at T=0.1 in bf16), and this is the reference the fused impls (fp32 accumulation) must match.
+    with torch.autocast(c.anchors.device.type, enabled=False):
+        return _fp32_loss(c)
+
+
+def _fp32_loss(c: Contrast) -> torch.Tensor:
     a = F.normalize(c.anchors.float(), dim=1)
     # One cast when anchors are the candidates (SimCLR, one process): the two gradients then add in fp32.
     cand = a if c.candidates is c.anchors else F.normalize(c.candidates.float(), dim=1)
