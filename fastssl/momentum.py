@@ -6,15 +6,28 @@ import copy
 import math
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from fastssl.errors import UserError
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:
-    """A frozen deep copy: same weights and BN statistics at step 0, never touched by the optimiser."""
+    """A frozen deep copy: same weights and BN statistics at step 0, never touched by the optimiser.
+
+    Without stochastic depth or dropout: the key encoder makes the targets, and the loop keeps the whole
+    method in train mode, so a copied DropPath would drop random blocks of the keys (noise in the targets,
+    not a regulariser of what is trained). Students are regularised that way, targets are not (DINO builds
+    its teacher without drop path; MoCo v3's ViTs use none). The rates are zeroed in place rather than the
+    modules removed: timm's attention reads `attn_drop.p`, and there are no parameters to keep in step.
+    """
     target = copy.deepcopy(module)
     target.requires_grad_(False)
+    for m in target.modules():
+        if isinstance(m, DropPath):
+            m.drop_prob = 0.0
+        elif isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
     return target
 
 

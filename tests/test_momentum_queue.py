@@ -29,6 +29,21 @@ def test_momentum_copy_starts_equal_and_frozen():
     assert all(p.requires_grad for p in online.parameters())
 
 
+def test_momentum_copy_drops_nothing_in_train_mode():
+    # The key encoder makes targets: in train mode (the loop's) it must compute what the online network
+    # computes in eval mode, with no block or unit dropped at random; the online network keeps its rates.
+    from timm.layers import DropPath
+
+    torch.manual_seed(0)
+    online = nn.Sequential(nn.Linear(6, 32), DropPath(0.5), nn.Dropout(0.5), nn.Linear(32, 4)).double()
+    target = momentum_copy(online).train()
+    x = torch.randn(64, 6, dtype=torch.float64)
+    expected = online.eval()(x)
+    torch.testing.assert_close(target(x), expected, rtol=0, atol=0)
+    online.train()
+    assert not torch.equal(online(x), expected)
+
+
 def test_ema_equals_the_formula_in_float64_over_several_steps():
     torch.manual_seed(0)
     online, m = _net(), 0.9
