@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_user_error, run_tool
+from conftest import ROOT, assert_user_error, run_tool
 from fastssl.bench import flops, loader as bench_loader, model as bench_model, step as bench_step
 from fastssl.bench.baseline import BaselineLoader, view_transform
 from fastssl.bench.record import SCHEMA_FIELDS, VERSION_KEYS, BenchRecord
@@ -486,3 +486,25 @@ def test_output_paths_are_checked_before_any_benchmark_runs(command, option, pat
     err = capsys.readouterr().err.strip().splitlines()
     assert not seen and len(err) == 1 and fragment in err[0], err
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+
+def test_flops_probe_leaves_nothing_for_mocov2_queue():
+    # count_flops runs a forward+backward that no optimiser step follows: its keys must not join the queue at
+    # the first real step (oracle: the FIFO then holds exactly that step's batch of keys, newest last).
+    from fastssl.bench.augment import SyntheticViews
+    from fastssl.bench.trainstep import TrainingStep
+    from fastssl.config import load_config
+    from fastssl.step import make_accelerator
+    from pipelines.augment import spec_for
+
+    cfg = load_config(ROOT / "recipes/mocov2_resnet18_synthetic.yaml",
+                      [*TINY_MODEL, "data.batch_size=8", "method.queue_size=32", "model.compile=false"])
+    step = TrainingStep(cfg, make_accelerator("no", "cpu"))
+    spec = spec_for(cfg.data)
+    step.count_flops(SyntheticViews(spec, 4, 16, torch.device("cpu"), seed=1)())
+    queue = step.unwrapped.queue
+    before = queue.ordered().clone()
+    step(SyntheticViews(spec, 8, 16, torch.device("cpu"), seed=2)())
+    assert int(queue.ptr) == 8
+    torch.testing.assert_close(queue.ordered()[:24], before[8:], rtol=0, atol=0)  # the 8 oldest rows left

@@ -55,6 +55,7 @@ class TrainingStep:
 
             self._counted = flops.count_flops(fwd_bwd)
             self.optimizer.zero_grad(set_to_none=True)
+            self.unwrapped.discard_step()  # the probe's keys must not join MoCo v2's queue at the next step
         return self._counted
 
     def _layout(self, batch: ViewBatch) -> ViewBatch:

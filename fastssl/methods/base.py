@@ -40,6 +40,10 @@ class Method(nn.Module):
     def after_step(self, step: int, total_steps: int) -> None:
         pass
 
+    def discard_step(self) -> None:
+        """Forget what forward passes left for after_step when no optimiser step follows them (a FLOPs probe):
+        the next after_step then sees only its own step's forwards."""
+
     def resume_at(self, steps_done: int, total_steps: int) -> None:
         """Schedule-driven state that is not in the checkpoint, as after_step(steps_done - 1) would leave it:
         a resumed run continues from there."""

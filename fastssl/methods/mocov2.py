@@ -74,6 +74,9 @@ class MoCoV2(Method):
             self._pending_keys = k if self._pending_keys is None else torch.cat([self._pending_keys, k])
         return LossOutput(loss, logs)
 
+    def discard_step(self) -> None:
+        self._pending_keys = None
+
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
         # He et al. 2020 eq. (2): theta_k <- m theta_k + (1 - m) theta_q, with the q just updated; the
