@@ -92,6 +92,11 @@ class FFCVViewLoader:
         self._ffcv_order = {"random": Random, "quasi_random": QuasiRandom, "sequential": Sequential,
                             "shared": None}[order]
         self._ffcv_order = self._ffcv_order(self.loader) if self._ffcv_order else None
+        # ffcv's QuasiRandom shuffles its page table in place, so an epoch's order would depend on the epochs
+        # drawn before it in this process: a resumed run would skip the first batches of another permutation.
+        # Each draw starts from the table as built instead.
+        self._pages = getattr(self._ffcv_order, "page_to_samples_array", None)
+        self._pages = None if self._pages is None else self._pages.copy()
         self.loader.traversal_order = _PlannedOrder(self)
         self._planned = np.zeros(0, dtype=np.int64)
         self.epoch, self.start_batch = 0, 0
@@ -109,6 +114,8 @@ class FFCVViewLoader:
         if self._ffcv_order is None:
             order = epoch_order(self.num_samples, self.ctx.seed, epoch)
         else:
+            if self._pages is not None:
+                self._ffcv_order.page_to_samples_array[...] = self._pages
             order = self._ffcv_order.sample_order(epoch)
         return shard_order(order, self.global_batch, self.ctx.process_index, self.ctx.num_processes,
                            self.drop_last)

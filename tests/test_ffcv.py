@@ -213,6 +213,19 @@ def test_resume_mid_epoch_gives_the_same_batches_and_views(raw_loader):
     assert not torch.equal(next(iter(raw_loader)).views[0], full[0].views[0])
 
 
+@pytest.mark.parametrize("order", ["shared", "random", "quasi_random"])
+def test_an_epochs_batches_depend_on_the_epoch_alone(data, order):
+    # A resumed run builds a fresh loader and asks for epoch E first; the uninterrupted run asked for 0..E-1
+    # before. Both must see the same batches, or set_epoch(E, start_batch=k) skips k batches of another
+    # permutation (ffcv's QuasiRandom shuffles its page table in place on every draw).
+    run = make_loader(data["raw"], order=order)
+    history = [np.concatenate(run.epoch_batches(e)) for e in range(3)]
+    resumed = make_loader(data["raw"], order=order)
+    assert np.array_equal(np.concatenate(resumed.epoch_batches(2)), history[2])
+    assert np.array_equal(np.concatenate(run.epoch_batches(1)), history[1])  # asked again, same answer
+    assert not np.array_equal(history[1], history[2])
+
+
 def test_resume_point_outside_the_epoch_is_a_user_error(raw_loader):
     # Oracle: the torch and DALI backends' contract, start_batch in 0..len(loader) (len: the epoch has ended).
     from fastssl.errors import UserError
