@@ -128,11 +128,18 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.T
 
     roi_align with aligned=True samples at half-pixel centres like torchvision's bilinear resize, and with
     sampling_ratio=-1 it averages ceil(box / size) x ceil(box / size) bilinear samples per output pixel:
-    identical to torchvision's bilinear resize when enlarging, and a box pre-filter when shrinking, which is
-    close to torchvision's antialiased (triangle-filter) resize instead of aliasing as plain bilinear does
-    (on white noise shrunk 2.9x: mean error 0.03 vs 0.12 for plain bilinear). Samples may reach half a pixel
-    past a box edge; beyond the image they read the padding, so batches must be padded by edge replication
-    (`pad_batch`), which makes that read equal to torchvision's clamp-to-edge.
+    identical to torchvision's bilinear resize when enlarging, and a box (area) pre-filter when shrinking,
+    instead of aliasing as plain bilinear does (on white noise shrunk 2.9x: mean error 0.03 vs 0.12 for plain
+    bilinear). The box is the filter of OpenCV's INTER_AREA, which FFCV's own crop decoder uses; torchvision's
+    antialiased resize, and DALI's, use a triangle filter twice as wide, so views shrunk here keep more fine
+    detail: on the embedded dataset's 384 px images cut to 64 px, mean |Laplacian| 0.032 here, 0.033 with
+    INTER_AREA, 0.025 with torchvision, for a mean pixel difference of 0.002 from torchvision. One
+    batched roi_align per view costs a few reads per output pixel; an exact triangle filter on boxes of
+    different sizes would need per-sample resampling matrices (a dense matmul, or a gather per filter tap).
+    Samples may reach half a pixel past a box edge: beyond the image they read the padding, so batches must
+    be padded by edge replication (`pad_batch`), which makes that read equal to torchvision's clamp-to-edge;
+    inside the image, when enlarging, the outermost row and column of a view read the pixels just past its box
+    (the regions shipped cover both views' boxes), where torchvision, which crops first, repeats the box's edge.
     """
     n = images.shape[0]
     y0, x0, h, w = boxes.to(images.device, torch.float32).unbind(1)

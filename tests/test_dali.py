@@ -145,7 +145,8 @@ def test_full_image_views_equal_the_torch_backend(colour_root):
 @pytest.mark.dali
 def test_random_crops_match_the_torch_backend_up_to_resampling(colour_root):
     # Same boxes; DALI resamples with an antialiased triangle filter, the torch backend with roi_align's box
-    # filter, so views differ slightly at edges of smooth images (mean |diff| measured ~5e-4 in these units).
+    # (area) filter (ops.crop_resize says how they differ), so views differ slightly at edges of smooth images
+    # (mean |diff| measured ~5e-4 in these units).
     from pipelines.torch import build as build_torch
 
     spec = preset("mocov3", S)
