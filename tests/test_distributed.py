@@ -248,3 +248,66 @@ def test_ddp_reduces_gradients_like_a_plain_all_reduce(method, tmp_path):
     for k, v in manual["state"].items():
         if v.is_floating_point():
             torch.testing.assert_close(ddp["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _mocov2_cfg():
+    from fastssl.config import config_from_dict
+
+    return config_from_dict(dict(data=dict(batch_size=8, image_size=16), model=dict(encoder="resnet18",
+                                 small_input=True), method=dict(name="mocov2", queue_size=16, proj_layers=2,
+                                                                proj_hidden=16, proj_dim=8, shuffle_bn_splits=2)))
+
+
+def _mocov2_global_batch():
+    g = torch.Generator().manual_seed(123)
+    return tuple(torch.randn(8, 3, 16, 16, generator=g) for _ in range(2))
+
+
+def _mocov2_queue_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from fastssl.methods import build_method
+    from pipelines.base import ViewBatch
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)  # the same weights and initial queue on every rank (what DDP's broadcast gives)
+    method = build_method(_mocov2_cfg())
+    views = _mocov2_global_batch()
+    local = ViewBatch(tuple(v[rank * 4:(rank + 1) * 4] for v in views), torch.zeros(4, dtype=torch.long),
+                      torch.arange(rank * 4, (rank + 1) * 4))
+    torch.manual_seed(11)  # the forward's one draw: rank 0's randperm(8), broadcast as the Shuffle BN permutation
+    method(local)
+    method.after_step(0, 1)
+    torch.save({"queue": method.queue.ordered().clone(), "ptr": int(method.queue.ptr)}, f"{out_dir}/queue{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_mocov2_queue_on_two_processes_takes_the_whole_global_batchs_keys_in_rank_order(tmp_path):
+    """MoCo enqueues the keys of the global batch (main_moco.py's concat_all_gather before _dequeue_and_enqueue):
+    after one step on 2 gloo processes, each rank's queue is the previous queue followed by the 8 keys of both
+    ranks, rank 0's images first. Oracle, computed here on one process without the library's gather or
+    Shuffle BN code: He et al. 2020 sec. 3.3 written out -- the key network on the global batch shuffled by
+    the same permutation, one BN group per process's share, un-shuffled, L2-normalised."""
+    import torch.multiprocessing as mp
+    import torch.nn.functional as F
+
+    from fastssl.methods import build_method
+
+    mp.spawn(_mocov2_queue_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    method = build_method(_mocov2_cfg())
+    before = method.queue.ordered().clone()
+    x_k = _mocov2_global_batch()[1]
+    torch.manual_seed(11)
+    perm = torch.randperm(8)
+    net = torch.nn.Sequential(method.key_encoder, method.key_projector).train()
+    with torch.no_grad():
+        shuffled = torch.cat([net(share) for share in x_k[perm].chunk(2)])  # process r encodes share r
+    keys = torch.empty_like(shuffled)
+    keys[perm] = shuffled
+    expect = torch.cat([before[8:], F.normalize(keys, dim=1)])
+    for rank in (0, 1):
+        seen = torch.load(tmp_path / f"queue{rank}.pt")
+        assert seen["ptr"] == 8, rank  # a rank enqueueing only its own 4 keys would stop at 4
+        torch.testing.assert_close(seen["queue"], expect, rtol=1e-5, atol=1e-6, msg=f"rank {rank}")

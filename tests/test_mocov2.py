@@ -1,6 +1,6 @@
 """MoCo v2: InfoNCE against a float64 numpy reference (value and gradients, with and without a queue), the
-queue after k training steps against a Python FIFO of the keys, the key encoder against the EMA formula,
-and the config-time errors."""
+queue after k training steps against a Python FIFO of the keys, the key encoder and key projector against the
+EMA formula, and the config-time errors."""
 
 from __future__ import annotations
 
@@ -101,6 +101,7 @@ def test_training_steps_fill_the_queue_fifo_and_move_the_key_encoder_by_ema():
     fifo = deque((tuple(r) for r in method.queue.queue.tolist()), maxlen=16)
     g = torch.Generator().manual_seed(1)
     m = cfg.method.momentum
+    pairs = [(method.key_encoder, method.encoder), (method.key_projector, method.projector)]
     for step in range(6):  # 24 keys through a queue of 16: wraps around
         queue_before = method.queue.queue.clone()
         out = method(_batch(g))
@@ -109,10 +110,15 @@ def test_training_steps_fill_the_queue_fifo_and_move_the_key_encoder_by_ema():
         out.loss.backward()
         opt.step()
         opt.zero_grad()
-        key_before = [p.detach().double().clone() for p in method.key_encoder.parameters()]
+        key_before = [[p.detach().double().clone() for p in key.parameters()] for key, _ in pairs]
         method.after_step(step, 6)
-        for kb, p, o in zip(key_before, method.key_encoder.parameters(), method.encoder.parameters()):
-            torch.testing.assert_close(p.double(), m * kb + (1 - m) * o.detach().double(), rtol=1e-6, atol=1e-7)
+        # He et al. 2020 eq. (2) in float64, for every parameter of the key encoder and the key projector.
+        for (key, online), before in zip(pairs, key_before):
+            for kb, p, o in zip(before, key.parameters(), online.parameters(), strict=True):
+                torch.testing.assert_close(p.double(), m * kb + (1 - m) * o.detach().double(), rtol=1e-6,
+                                           atol=1e-7)
+            # Not vacuous: the optimiser moved this branch's query side, so skipping its EMA would not pass.
+            assert any(not torch.equal(kb, o.detach().double()) for kb, o in zip(before, online.parameters()))
         fifo.extend(tuple(r) for r in torch.nn.functional.normalize(keys, dim=1).tolist())
         torch.testing.assert_close(method.queue.ordered(), torch.tensor(list(fifo)), rtol=1e-6, atol=1e-6)
     assert not torch.equal(method.key_encoder.conv1.weight, method.encoder.conv1.weight)

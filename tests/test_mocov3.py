@@ -85,21 +85,28 @@ def test_heads_follow_the_paper_and_there_is_no_queue():
 
 
 def test_after_step_applies_the_cosine_momentum_to_the_key_encoder():
+    # Oracle: algorithm 1's f_k.params = m * f_k.params + (1 - m) * f_q.params in float64, for every parameter
+    # of the key encoder and the key projector, with m from its closed form (Sec. 4's half cosine).
     torch.manual_seed(0)
     method = build_method(_cfg("vit_pico"))
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
     total = 10
+    pairs = [(method.key_encoder, method.encoder), (method.key_projector, method.projector)]
     for step in range(3):
         out = method(_batch(step))
         out.loss.backward()
         opt.step()
         opt.zero_grad()
-        before = [p.detach().double().clone() for p in method.key_projector.parameters()]
+        before = [[p.detach().double().clone() for p in key.parameters()] for key, _ in pairs]
         method.after_step(step, total)
         m = 1 - (1 - 0.9) * (math.cos(math.pi * (step + 1) / total) + 1) / 2  # MoCo v3 Sec. 4, after step k+1
         assert math.isclose(method.current_momentum, m, rel_tol=1e-12) and m > 0.9
-        for b, p, o in zip(before, method.key_projector.parameters(), method.projector.parameters()):
-            torch.testing.assert_close(p.double(), m * b + (1 - m) * o.detach().double(), rtol=1e-6, atol=1e-7)
+        for (key, online), key_before in zip(pairs, before):
+            for b, p, o in zip(key_before, key.parameters(), online.parameters(), strict=True):
+                torch.testing.assert_close(p.double(), m * b + (1 - m) * o.detach().double(), rtol=1e-6,
+                                           atol=1e-7)
+            # Not vacuous: the optimiser moved this branch's query side, so skipping its EMA would not pass.
+            assert any(not torch.equal(b, o.detach().double()) for b, o in zip(key_before, online.parameters()))
     assert method(_batch()).logs["momentum"] == method.current_momentum
 
 
