@@ -127,28 +127,59 @@ def test_linear_eval_rejects_different_classes(tmp_path):
         linear_eval(_MeanColour(), train, val, 16, batch_size=4, workers=0, epochs=1)
 
 
-@pytest.mark.slow  # two tool processes, each importing torch and timm
+@pytest.mark.slow  # two tool runs (one a process importing torch and timm), each a 100-epoch probe
 def test_eval_tool_linear_writes_json_for_a_checkpoint_and_its_random_init(tmp_path):
     from conftest import run_tool, save_perturbed_encoder
+    from test_knn import _image_folder, _numpy_topk
 
     from fastssl.config import config_from_dict
+    from fastssl.encoders import create_encoder
+    from fastssl.eval.features import extract_features
+    from tools.eval import main
 
-    colours = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
-    _colour_folder(tmp_path / "data" / "train", colours, 4, seed=0)
-    _colour_folder(tmp_path / "data" / "val", colours, 2, seed=1)
-    cfg = config_from_dict({"model": {"encoder": "vit_pico"}, "data": {"image_size": 16}})
+    # Noisy classes only 5 grey levels apart: the probe is neither at chance nor at 100%, so its figure depends
+    # on the encoder's weights.
+    _image_folder(tmp_path / "data" / "train", 6, seed=0)
+    _image_folder(tmp_path / "data" / "val", 6, seed=1)
+    cfg = config_from_dict({"model": {"encoder": "vit_pico"}, "data": {"image_size": 32}, "seed": 5})
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000003"
-    ckpt.mkdir(parents=True)
-    # saved weights != the config seed's random init, so the two runs load different nets
-    save_perturbed_encoder(ckpt / "encoder.pt", cfg, 16, step=3)
-    for extra in ([], ["--random-init"]):
-        out = tmp_path / f"res{len(extra)}.json"
-        proc = run_tool("tools/eval.py", "linear", "--checkpoint", str(tmp_path / "run"), "--data",
-                        str(tmp_path / "data"), "--json", str(out), "--device", "cpu", "--workers", "0", *extra)
-        assert proc.returncode == 0, proc.stderr
-        res = json.loads(out.read_text())
-        assert res["protocol"] == "linear" and res["encoder"] == "vit_pico" and res["random_init"] == bool(extra)
-        assert 0.0 <= res["top1"] <= res["top5"] <= 100.0 and res["num_train"] == 12 and res["num_val"] == 6
+    # saved weights != the config seed's random init, which --random-init rebuilds
+    trained = save_perturbed_encoder(ckpt / "encoder.pt", cfg, 32, step=3)
+    torch.manual_seed(cfg.seed)
+    untrained = create_encoder(cfg.model, 32)
+    ev = cfg.eval
+
+    def oracle(encoder) -> tuple[float, float, float]:
+        """Centre-crop features of `encoder`, a probe fitted with the recipe's settings and seed, and top-1 /
+        top-5 on val (and top-1 on train) counted in numpy from the probe's scores."""
+        feats = {s: extract_features(encoder, str(tmp_path / "data" / s), 32, 256, workers=0)
+                 for s in ("train", "val")}
+        (tr, tr_y, c), (va, va_y, _) = feats["train"], feats["val"]
+        probe = train_linear_probe(tr, tr_y, c, epochs=ev.linear_epochs, lr=ev.linear_lr, batch_size=256,
+                                   optimizer=ev.linear_optimizer, weight_decay=ev.linear_weight_decay,
+                                   seed=cfg.seed)
+        with torch.no_grad():
+            val_scores, train_scores = probe(va).double().numpy(), probe(tr).double().numpy()
+        for scores in (val_scores, train_scores):  # no image decided by a hair (the tool runs on other threads)
+            srt = -np.sort(-scores, axis=1)
+            assert np.all(srt[:, 0] - srt[:, 1] > 1e-4 * np.abs(srt).max())
+        return (*_numpy_topk(val_scores, va_y.numpy()), _numpy_topk(train_scores, tr_y.numpy())[0])
+
+    args = ["linear", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--device", "cpu",
+            "--workers", "0"]
+    proc = run_tool("tools/eval.py", *args, "--json", str(tmp_path / "a.json"))  # as a user runs it
+    assert proc.returncode == 0, proc.stderr
+    assert main([*args, "--random-init", "--json", str(tmp_path / "b.json")]) == 0  # in-process: no second import
+    res, rand = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    for r, random_init in ((res, False), (rand, True)):
+        assert r["protocol"] == "linear" and r["encoder"] == "vit_pico" and r["random_init"] is random_init
+        assert (r["epochs"], r["lr"], r["optimizer"]) == (ev.linear_epochs, ev.linear_lr, ev.linear_optimizer)
+        assert r["num_train"] == 24 and r["num_val"] == 24 and r["num_features"] == trained.num_features
+    want, want_rand = oracle(trained), oracle(untrained)
+    assert (res["top1"], res["top5"], res["train_top1"]) == pytest.approx(want)
+    assert (rand["top1"], rand["top5"], rand["train_top1"]) == pytest.approx(want_rand)
+    assert want[0] != want_rand[0]  # the two runs read different weights, and the figures show it
+    assert 25 < want[0] < 100 and want[1] == 100.0  # a figure a wrong probe could miss; 4 classes: top-5 is all
 
 
 @pytest.mark.parametrize("extra, fragment", [(["--epochs", "0"], "--epochs 0; expected >= 1"),

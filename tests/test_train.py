@@ -70,9 +70,10 @@ def test_cli_run_writes_config_metrics_checkpoint_and_summary(tiny_data, tmp_pat
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["loss"] > 0 and r["images_per_s"] > 0 for r in rows)
-    # The schedule the loop applies, written out: peak = 1.0 x 8 / 256 (linear scaling); 40 images in batches
-    # of 8 = 5 steps an epoch, 0.5 epoch of warmup = round(2.5) = 2 steps rising to the peak, then the half
-    # cosine to 0 over the remaining 2 steps (the lr of step s is logged with step s + 1).
+    # The schedule as logged, written out: peak = 1.0 x 8 / 256 (linear scaling); 40 images in batches of 8 =
+    # 5 steps an epoch, 0.5 epoch of warmup = round(2.5) = 2 steps rising to the peak, then the half cosine to 0
+    # over the remaining 2 steps (the lr of step s is logged with step s + 1). That the optimiser steps with
+    # these values is checked by test_one_process_stops_after_the_step_the_signal_came_in.
     peak = 1.0 * 8 / 256
     expected = [peak / 2, peak, peak, 0.5 * peak * (1 + math.cos(math.pi / 2))]
     assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-12)
@@ -420,30 +421,40 @@ def test_sigterm_to_the_whole_job_checkpoints_and_resume_ends_like_an_uninterrup
     assert max((at_stop[k] - v).abs().max().item() for k, v in full.items() if v.is_floating_point()) > 1e-3
 
 
-def _signal_during_step(monkeypatch, step: int, sig: signal.Signals) -> None:
-    """The trainer's process gets `sig` while it runs step `step` (1-based), as a cluster's signal would."""
+def _signal_during_step(monkeypatch, step: int, sig: signal.Signals) -> list[list[float]]:
+    """The trainer's process gets `sig` while it runs step `step` (1-based), as a cluster's signal would.
+    Returns the list that each step appends its optimiser's param-group lrs to (what the step applies)."""
     import os
 
     import fastssl.train as train_mod
 
     real_step, calls = train_mod.optimizer_step, []
 
-    def signalling_step(*args, **kwargs):
-        calls.append(1)
+    def signalling_step(method, optimizer, *args, **kwargs):
+        calls.append([g["lr"] for g in optimizer.param_groups])
         if len(calls) == step:
             os.kill(os.getpid(), sig)
-        return real_step(*args, **kwargs)
+        return real_step(method, optimizer, *args, **kwargs)
 
     monkeypatch.setattr(train_mod, "optimizer_step", signalling_step)
+    return calls
 
 
 def test_one_process_stops_after_the_step_the_signal_came_in(tiny_data, tmp_path, monkeypatch):
     # One process has nobody to agree with: it checks after every step, not every AGREE_EVERY steps.
-    _signal_during_step(monkeypatch, 7, signal.SIGUSR1)
+    applied = _signal_during_step(monkeypatch, 7, signal.SIGUSR1)
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
     out = tmp_path / "run"
-    result = train(_cfg(tiny_data, out, "train.max_steps=12", "train.log_every=5"))
+    result = train(_cfg(tiny_data, out, "train.max_steps=12", "train.log_every=5", "optim.min_lr=0.002"))
     assert result == {"stopped_at_step": 7, "signal": "SIGUSR1"}
+    # The lr each optimiser step used (every param group), against warmup + cosine written out: peak = 1.0 x
+    # 8 / 256 (linear scaling); 5 steps an epoch, so 0.5 epoch of warmup = round(2.5) = 2 steps rising linearly
+    # to the peak, then the half cosine from the peak to min_lr over the remaining 10 of 12 steps.
+    peak, min_lr = 1.0 * 8 / 256, 0.002
+    expected = [peak * (s + 1) / 2 if s < 2 else
+                min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * (s - 2) / 10)) for s in range(7)]
+    assert len(applied[0]) == 2  # LARS: decayed weights, and biases and norms
+    assert applied == [[pytest.approx(e, rel=1e-12)] * 2 for e in expected]
     assert latest_checkpoint(out).name == "step_00000007" and not (out / "summary.json").exists()
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before  # handlers put back
 
