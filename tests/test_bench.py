@@ -231,6 +231,20 @@ def test_flop_count_matches_closed_forms():
     assert counted == pytest.approx(2 * 1.814e9, rel=0.01)
 
 
+def test_cpu_attention_is_counted_like_the_cuda_kernels():
+    # Closed form for the fused kernels (FlopCounterMode's CUDA flash/efficient formulas): forward QK^T and PV,
+    # 2 x 2 B H L S D; backward recomputes QK^T, then dV, dP, dQ, dK: 5 x 2 B H L S D. Without the CPU formulas
+    # the CPU kernel counted 0.
+    import torch.nn.functional as F
+
+    b, h, l, s, d = 2, 3, 17, 11, 8
+    q = torch.randn(b, h, l, d, requires_grad=True)
+    k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(2))
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        counted = flops.count_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward())
+    assert counted == (4 + 10) * b * h * l * s * d
+
+
 def test_mfu_and_peak_table():
     assert flops.achieved_tflops(2 * 10**12, 50.0) == pytest.approx(100.0)
     assert flops.mfu(2 * 10**12, 50.0, 200.0) == pytest.approx(0.5)
@@ -238,6 +252,7 @@ def test_mfu_and_peak_table():
     assert flops.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
     assert flops.peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0  # not the SXM figure
     assert flops.peak_tflops("NVIDIA H200", "tf32") == 494.7
+    assert flops.peak_tflops("NVIDIA H200 NVL", "bf16") == 835.5  # data sheet: 1,671 with 2:4 sparsity
     assert flops.peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5
     assert flops.peak_tflops("Tesla T4", "bf16") is None
     assert flops.math_dtype("bf16") == "bf16" and flops.math_dtype("no", allow_tf32=True) == "tf32"
@@ -508,3 +523,21 @@ def test_flops_probe_leaves_nothing_for_mocov2_queue():
     step(SyntheticViews(spec, 8, 16, torch.device("cpu"), seed=2)())
     assert int(queue.ptr) == 8
     torch.testing.assert_close(queue.ordered()[:24], before[8:], rtol=0, atol=0)  # the 8 oldest rows left
+
+
+@pytest.mark.parametrize("overrides, resets", [(["model.compile=false", "data.compile=false"], 0),
+                                               (["model.compile=true", "data.compile=false"], 1),
+                                               (["model.compile=false", "data.compile=true"], 1)])
+def test_a_compiled_row_starts_from_empty_dynamo_caches(monkeypatch, overrides, resets):
+    # Each row's new networks add entries to the same forward's cache: past dynamo's recompile limit a sweep
+    # would run eager and report it as compiled. So a compiled row drops the earlier graphs first (nothing is
+    # compiled here: that happens at the first step).
+    from fastssl.bench.trainstep import TrainingStep
+    from fastssl.config import load_config
+    from fastssl.step import make_accelerator
+
+    calls = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: calls.append(1))
+    cfg = load_config(ROOT / "recipes/simclr_resnet18_synthetic.yaml", [*TINY_MODEL, *overrides])
+    TrainingStep(cfg, make_accelerator("no", "cpu")).close()
+    assert len(calls) == resets

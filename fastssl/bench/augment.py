@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from fastssl.bench.record import BenchRecord, Column, Panel, describe_device, new_record, print_table, save_plot
-from fastssl.bench.sweep import check_minimums, check_names, console, note, parse_list, with_oom_backoff
+from fastssl.bench.sweep import (check_minimums, check_names, console, fresh_compile_caches, note, parse_list,
+                                 with_oom_backoff)
 from fastssl.bench.timing import TimedWindow, synchronize
 from fastssl.errors import UserError, resolve_device
 
@@ -105,9 +106,7 @@ def _max_diff(a: ViewBatch, b: ViewBatch) -> float:
 def bench_augment(spec: AugmentSpec, name: str, batch: int, source_size: int, compiled: bool, device: torch.device,
                   steps: int, warmup: int, seed: int) -> AugmentFigures:
     if compiled:
-        # Graphs of earlier rows go: past dynamo's recompile limit (8 per function) a long --batch sweep would
-        # fall back to eager and report eager speeds as compiled ones.
-        torch._dynamo.reset()
+        fresh_compile_caches()
     views = SyntheticViews(spec, batch, source_size, device, seed, compiled)
     for _ in range(warmup):
         views()

@@ -76,6 +76,13 @@ def grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
     return [dict(zip(names, combo)) for combo in itertools.product(*(axes[n] for n in names))]
 
 
+def fresh_compile_caches() -> None:
+    """Drop dynamo's graphs of earlier rows before a compiled row builds its own. Every new network instance,
+    batch size or grad mode adds an entry to the same forward's cache, and past dynamo's recompile limit (8 per
+    function) a sweep would fall back to eager, with a warning only, and report eager speeds as compiled ones."""
+    torch._dynamo.reset()
+
+
 def is_oom(error: BaseException) -> bool:
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastssl.bench import flops
+from fastssl.bench.sweep import fresh_compile_caches
 from fastssl.config import Config
 from fastssl.errors import resolve_compile
 from fastssl.optim import build_optimizer
@@ -32,6 +33,8 @@ class TrainingStep:
         method, self.channels_last = build_training_method(cfg, device)
         self.method = method.to(device)
         self.compiled = resolve_compile(cfg.model.compile, device)
+        if self.compiled or resolve_compile(cfg.data.compile, device, "data.compile"):
+            fresh_compile_caches()  # before the warm-up, which compiles this row's networks (and views)
         self.precision = accelerator.mixed_precision
         self._counted: int | None = None  # FLOPs of the batch count_flops was first given
         self._compile_pending = self.compiled
