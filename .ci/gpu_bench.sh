@@ -31,7 +31,10 @@ LOADER_WARMUP=${LOADER_WARMUP:-16}
 LARGEST=${LARGEST:-1536}        # model_largest: batch tried; below LARGEST_MIN it is "does not fit"
 LARGEST_MIN=${LARGEST_MIN:-1024}  # (1024 is measured by model_r50: R50 peaked at 87 of 140 GiB on an H200)
 BIG_SIZE=${BIG_SIZE:-448}       # loader_gpu: JPEG side, ImageNet's average pixel count (~500 x 375)
-BIG_PER_CLASS=${BIG_PER_CLASS:-50}  # per class and generator (16 of them): 8,000 images, 15 batches of 512
+# per class and generator (16 of them): 8,000 images, 15 batches of 512, so loader_gpu's 76 batches cross 5 epoch
+# starts, each backend's (every start refills the prefetch queue): a lower bound on the steady state, kept so
+# to draw and convert the images within the call (one epoch of 76 batches would be 39,000 images)
+BIG_PER_CLASS=${BIG_PER_CLASS:-50}
 LOADER_BATCH=${LOADER_BATCH:-512}
 PARTS=${PARTS:-"loss triton_tests model_r50 step_r50 step_vits loader demo"}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
