@@ -16,8 +16,16 @@ from fastssl.errors import UserError
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     """Write next to `path` and rename into place: a reader, or the next run after a crash, never sees half a
-    file, and a failed write leaves the previous one."""
+    file, and a failed write leaves the previous one. A write the system refuses (full disk, a folder made
+    read-only or immutable since it was checked) is a UserError naming the file."""
     path = Path(path)
+    try:
+        _write_atomic(path, data)
+    except OSError as e:
+        raise UserError(f"cannot write {str(path)!r}: {e.strerror or e}; the previous file, if any, is kept") from None
+
+
+def _write_atomic(path: Path, data: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -28,10 +36,22 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
         os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: after a power cut, the old file or the whole new one
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make the renames and removals in `folder` durable (a power cut after a rename could otherwise undo it)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_creatable(path: str | os.PathLike, option: str, *, contents_only: bool = False) -> Path:

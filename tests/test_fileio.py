@@ -21,8 +21,9 @@ def test_write_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError) as e:  # a tool prints it as one line, not an OSError traceback
         write_atomic(path, "second")
+    assert str(e.value) == f"cannot write {str(path)!r}: No space left on device; the previous file, if any, is kept"
     assert path.read_text() == "first" and [p.name for p in path.parent.iterdir()] == ["r.json"]
 
 

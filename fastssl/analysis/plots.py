@@ -41,9 +41,7 @@ def save_figure(fig, out: str | os.PathLike, dpi: int = 110) -> Path:
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-        write_atomic(out, buf.getvalue())
-    except OSError as e:  # the folder was fine when checked up front, and changed (full disk, removed, read-only)
-        raise UserError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
+        write_atomic(out, buf.getvalue())  # a refused write (full disk, read-only since checked): a UserError
     finally:
         _pyplot().close(fig)
     return out
