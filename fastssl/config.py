@@ -242,15 +242,29 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return out
 
 
+def _field_type(path: list[str]) -> Any:
+    """The declared type of the key an override names, or None for a key that does not exist."""
+    if len(path) == 1:
+        return _CONFIG_TYPES.get(path[0])
+    if len(path) == 2 and path[0] in SECTIONS:
+        return typing.get_type_hints(SECTIONS[path[0]]).get(path[1])
+    return None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise UserError(f"override {text!r} is not of the form section.key=value")
     key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if _field_type(path) is str:
+        # Taken as typed: YAML 1.1 would turn output_dir=12:30 into 750 (base 60), data.path=0777 into 511
+        # (octal), on into true, and 2024-01-01 into a date, so a run would use a folder nobody named.
+        return path, raw.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    return path, value
 
 
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -279,7 +293,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"recipe file {str(p)!r} does not exist")
     try:
-        d = yaml.safe_load(p.read_text())
+        d = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"recipe {str(p)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at position "
+                        f"{e.start}); expected a YAML file") from None
     except yaml.YAMLError as e:
         raise UserError(f"recipe {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
     if d is None:

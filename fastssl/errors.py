@@ -121,6 +121,20 @@ class ArgumentParser(argparse.ArgumentParser):
         return self.parse_args(argv)  # --help, or a missing or unknown command: argparse's own message
 
 
+SEED_MAX = 2**32 - 1  # numpy's and accelerate's set_seed bound
+
+
+def seed_option(text: str) -> int:
+    """argparse type of a --seed: an integer in [0, 2**32 - 1], as every seeded library accepts."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}; expected an integer in [0, 2**32 - 1]") from None
+    if not 0 <= seed <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{seed}; expected an integer in [0, 2**32 - 1]")
+    return seed
+
+
 def resolve_device(choice: str | None, option: str = "--device") -> str:
     """'auto' | 'cpu' | 'cuda' (None = auto) -> 'cuda' or 'cpu', refusing a GPU that is not there."""
     import torch

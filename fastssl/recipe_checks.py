@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 
 from fastssl.config import Config
-from fastssl.errors import UserError
+from fastssl.errors import SEED_MAX, UserError
 
 
 def _positive(x) -> bool:
@@ -26,9 +26,14 @@ def _unit(x) -> bool:  # momentum-like: [0, 1)
     return math.isfinite(x) and 0 <= x < 1
 
 
+def _seed(x) -> bool:
+    return 0 <= x <= SEED_MAX
+
+
 # (key, predicate, what is expected)
 _RULES: list[tuple[str, Callable, str]] = [
-    ("seed", _non_negative, ">= 0"),
+    ("seed", _seed, "an integer in [0, 2**32 - 1]"),
+    ("data.workers", _non_negative, ">= 0 (0: load in the main process)"),
     ("optim.lr", _positive, "a finite number > 0"),
     ("optim.min_lr", _non_negative, "a finite number >= 0"),
     ("optim.weight_decay", _non_negative, "a finite number >= 0"),
@@ -84,22 +89,39 @@ def check_values(cfg: Config) -> None:
         raise UserError("train.epochs=0 and train.max_steps=0: nothing to train; set either to a positive number")
     if not cfg.output_dir and not cfg.resume:
         raise UserError("output_dir is empty; expected the run directory to write (e.g. runs/mine)")
+    if cfg.train.grad_accum != 1 and not cfg.train.allow_grad_accum:
+        raise UserError(f"train.grad_accum={cfg.train.grad_accum} changes the negatives of a contrastive loss "
+                        f"(each micro-batch sees only its own); set train.allow_grad_accum=true to accept that")
+    if cfg.train.grad_accum != 1 and not cfg.data.drop_last:
+        raise UserError(f"train.grad_accum={cfg.train.grad_accum} with data.drop_last=false: an epoch's last, "
+                        f"short batch would not split into {cfg.train.grad_accum} equal micro-batches; set "
+                        f"data.drop_last=true")
 
 
 def check_recipe(cfg: Config) -> None:
     """All that can be checked without data or devices, in a second: value ranges, the precision and compile
-    choices, and the method with its encoder and heads, built on the meta device (no memory, no weights).
+    choices, the data settings a backend reads (its name, the global batch, data.device, the augmentation), and
+    the method with its encoder and heads and its optimiser, built on the meta device (no memory, no weights).
     `tools/train.py --print-config` runs it, so a recipe can be checked before an `accelerate launch`."""
     import torch
 
-    from fastssl.methods import build_method
     from fastssl.errors import resolve_compile
+    from fastssl.methods import build_method
+    from fastssl.optim import build_optimizer
+    from fastssl.schedule import scaled_lr
     from fastssl.step import resolve_precision
+    from pipelines.augment import spec_for
+    from pipelines.base import check_backend, check_data_device, check_global_batch
 
     check_values(cfg)
     resolve_precision(cfg.train.precision)
     resolve_compile(cfg.model.compile, torch.device("cpu"))
     resolve_compile(cfg.data.compile, torch.device("cpu"), "data.compile")
+    check_backend(cfg.data.backend)
+    check_global_batch(cfg.data.batch_size, 1)  # the world size is checked when it is known
+    check_data_device(cfg.data.device)
+    spec_for(cfg.data)
+    peak_lr = scaled_lr(cfg.optim.lr, cfg.data.batch_size, cfg.optim.lr_scaling)
     with torch.device("meta"):
-        build_method(cfg)
+        build_optimizer(cfg.optim, build_method(cfg), peak_lr)
 

@@ -156,9 +156,6 @@ def train(cfg: Config) -> dict:
     check_recipe(cfg)
     restarting = not cfg.resume and stopped_before_first_checkpoint(Path(cfg.output_dir))
     cfg, run_dir, resuming = prepare_run_dir(cfg)
-    if cfg.train.grad_accum != 1 and not cfg.train.allow_grad_accum:
-        raise UserError(f"train.grad_accum={cfg.train.grad_accum} changes the negatives of a contrastive loss "
-                        f"(each micro-batch sees only its own); set train.allow_grad_accum=true to accept that")
     knn_sets = _knn_sets(cfg)
     accelerator = make_accelerator(cfg.train.precision)
     main = accelerator.is_main_process

@@ -70,11 +70,15 @@ def host_to_device(x, device: torch.device, dtype: torch.dtype | None = None) ->
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def check_data_device(choice: str) -> None:
+    if choice not in ("auto", "cpu", "cuda"):
+        raise UserError(f"data.device={choice!r}; expected auto, cpu or cuda")
+
+
 def data_device(choice: str, ctx: LoaderContext) -> torch.device:
     """Where a backend makes the views, from data.device: auto (the training device), cpu, or cuda (which must
     be the training device: views are not moved between GPUs)."""
-    if choice not in ("auto", "cpu", "cuda"):
-        raise UserError(f"data.device={choice!r}; expected auto, cpu or cuda")
+    check_data_device(choice)
     target = torch.device(ctx.device)
     if choice == "cpu":
         return torch.device("cpu")
@@ -85,8 +89,10 @@ def data_device(choice: str, ctx: LoaderContext) -> torch.device:
 
 def check_global_batch(global_batch: int, num_processes: int) -> None:
     """data.batch_size is the global batch: every process takes an equal share (checked before reading data)."""
-    if global_batch < 1 or global_batch % num_processes:
-        raise UserError(f"data.batch_size={global_batch} is the global batch; expected a positive multiple of the "
+    if global_batch < 1:
+        raise UserError(f"data.batch_size={global_batch}; expected the global batch, a positive integer")
+    if global_batch % num_processes:
+        raise UserError(f"data.batch_size={global_batch} is the global batch; expected a multiple of the "
                         f"{num_processes} processes")
 
 
@@ -143,12 +149,15 @@ def batch_seed(seed: int, epoch: int, step: int, process_index: int) -> int:
 _BACKEND_MODULES = {"torch": "pipelines.torch", "dali": "pipelines.dali", "ffcv": "pipelines.ffcv"}
 
 
+def check_backend(name: str) -> None:
+    if name not in _BACKEND_MODULES:
+        raise UserError(f"unknown data.backend {name!r}; valid: {', '.join(_BACKEND_MODULES)}")
+
+
 def build_loader(data_cfg, spec, ctx: LoaderContext) -> ViewLoader:
     """Import the backend's module (it registers itself) and build its loader."""
     import importlib
 
-    module = _BACKEND_MODULES.get(data_cfg.backend)
-    if module is None:
-        raise UserError(f"unknown data.backend {data_cfg.backend!r}; valid: {', '.join(_BACKEND_MODULES)}")
-    importlib.import_module(module)  # backend modules import without their optional package
+    check_backend(data_cfg.backend)
+    importlib.import_module(_BACKEND_MODULES[data_cfg.backend])  # they import without their optional package
     return BACKENDS.get(data_cfg.backend)(data_cfg, spec, ctx)

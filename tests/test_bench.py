@@ -444,6 +444,8 @@ def test_step_bench_end_to_end(folder, tmp_path):
     (["augment", "--size", "4", "--device", "cpu"], ["--size 4; expected an integer >= 8"]),
     (["augment", "--compile", "yes", "--device", "cpu"], ["'yes'", "false, true"]),
     (["step", "--device", "cpu", "data.wokers=2"], ["wokers", "workers"]),
+    (["loader", "--seed", "-1", "--backend", "torch"], ["--seed: -1; expected an integer in [0, 2**32 - 1]"]),
+    (["augment", "--seed", str(2**64), "--device", "cpu"], [f"--seed: {2**64}; expected an integer in [0, 2**32"]),
 ])
 def test_bad_input_is_one_line(argv, fragments):
     assert_user_error(run_tool("tools/bench.py", *argv), *fragments)

@@ -23,6 +23,14 @@ def test_overrides_are_typed_from_the_dataclass():
     assert load_config(None, ["model.compile=true"]).model.compile == "true"
 
 
+@pytest.mark.parametrize("text", ["12:30", "0777", "on", "2024-01-01", "null", "1e3"])
+def test_text_settings_take_an_override_as_typed(text):
+    # YAML 1.1 would read these as 750 (base 60), 511 (octal), true, a date, None and 1000.0: a run writing to
+    # a folder nobody named. A string setting keeps the characters given.
+    cfg = load_config(None, [f"output_dir={text}", f"data.path={text}"])
+    assert cfg.output_dir == text and cfg.data.path == text
+
+
 @pytest.mark.parametrize("override, fragments", [
     ("optim.lr=abc", ["optim.lr", "'abc'"]),
     ("optim.lrr=1", ["optim.lrr", "lr, lr_scaling"]),
@@ -80,6 +88,10 @@ def test_cli_print_config_and_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: [1, 2\n")
     assert_user_error(run_tool("tools/train.py", str(bad)), "bad.yaml", "YAML")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("# d\u00e9faut\nseed: 1\n".encode("latin-1"))
+    assert_user_error(run_tool("tools/train.py", str(latin1), "--print-config"), "latin1.yaml",
+                      "not UTF-8 text (byte 0xe9 at position 3)")
 
 
 @pytest.mark.parametrize("override, fragment", [
@@ -98,6 +110,9 @@ def test_cli_print_config_and_errors(tmp_path):
     ("eval.knn_k=0", "eval.knn_k=0"),
     ("eval.knn_t=0", "eval.knn_t=0.0"),
     ("output_dir=", "output_dir is empty"),
+    ("seed=-1", "seed=-1; expected an integer in [0, 2**32 - 1]"),
+    ("seed=4294967296", "seed=4294967296; expected an integer in [0, 2**32 - 1]"),  # accelerate's set_seed raised
+    ("data.workers=-1", "data.workers=-1; expected >= 0"),
 ])
 def test_out_of_range_values_are_one_line_errors(override, fragment):
     from fastssl.recipe_checks import check_values
@@ -109,6 +124,18 @@ def test_out_of_range_values_are_one_line_errors(override, fragment):
 
 
 @pytest.mark.parametrize("recipe, overrides, fragment", [
+    # The data and optimiser settings a backend or the optimiser would refuse only once data is read.
+    ("simclr_resnet18_synthetic", ["data.batch_size=0"], "data.batch_size=0; expected the global batch"),
+    ("simclr_resnet18_synthetic", ["data.backend=dalli"], "unknown data.backend 'dalli'"),
+    ("simclr_resnet18_synthetic", ["data.image_size=0"], "data.image_size must be at least 8 pixels, got 0"),
+    ("simclr_resnet18_synthetic", ["data.crop_scale=[0.9,0.1]"], "data.crop_scale must satisfy 0 < min <= max"),
+    ("simclr_resnet18_synthetic", ["data.device=tpu"], "data.device='tpu'; expected auto, cpu or cuda"),
+    ("simclr_resnet18_synthetic", ["data.augment=simclrr"], "unknown augmentation preset 'simclrr'"),
+    ("simclr_resnet18_synthetic", ["optim.name=adamw2"], "unknown optimiser optim.name='adamw2'"),
+    ("simclr_resnet18_synthetic", ["optim.lr_scaling=sqrtt"], "unknown optim.lr_scaling 'sqrtt'"),
+    ("simclr_resnet18_synthetic", ["train.grad_accum=3"], "set train.allow_grad_accum=true"),
+    ("simclr_resnet18_synthetic", ["train.grad_accum=2", "train.allow_grad_accum=true", "data.drop_last=false"],
+     "train.grad_accum=2 with data.drop_last=false"),
     ("simclr_resnet18_synthetic", ["method.temperature=0"], "method.temperature must be > 0, got 0.0"),
     ("simclr_resnet18_synthetic", ["method.proj_layers=0"], "method.proj_layers must be >= 1, got 0"),
     ("mocov2_resnet18_synthetic", ["method.temperature=-0.1"], "method.temperature must be > 0, got -0.1"),

@@ -279,7 +279,7 @@ def test_bad_settings_are_user_errors(data, tmp_path):
 
     cases = [
         (DataConfig(backend="ffcv", path=str(tmp_path / "no.beton"), batch_size=8), ctx(), "no.beton does not exist"),
-        (DataConfig(backend="ffcv", path=raw, batch_size=7), ctx(), "positive multiple of the 2 processes"),
+        (DataConfig(backend="ffcv", path=raw, batch_size=7), ctx(), "expected a multiple of the 2 processes"),
         (DataConfig(backend="ffcv", path=raw, batch_size=32), ctx(), "fewer than one global batch"),
         (DataConfig(backend="ffcv", path=raw, batch_size=10, drop_last=False), ctx(5), "last global batch of 4 images"),
         (DataConfig(backend="ffcv", path=raw, batch_size=8, ffcv_order="shuffled"), ctx(), "ffcv_order"),

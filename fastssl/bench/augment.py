@@ -19,7 +19,7 @@ from fastssl.bench.record import BenchRecord, Column, Panel, describe_device, ne
 from fastssl.bench.sweep import (check_minimums, check_names, console, fresh_compile_caches, note, parse_list,
                                  with_oom_backoff)
 from fastssl.bench.timing import TimedWindow, synchronize
-from fastssl.errors import UserError, resolve_device
+from fastssl.errors import UserError, resolve_device, seed_option
 
 from pipelines import ops
 from pipelines.augment import PRESETS, AugmentSpec, preset
@@ -82,7 +82,7 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed calls per row (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_option, default=0)
 
 
 def count_profiled(fn, kind: str = "cuda") -> int:

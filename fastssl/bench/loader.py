@@ -22,7 +22,7 @@ from fastssl.bench.record import BenchRecord, Column, Panel, describe_device, ne
 from fastssl.bench.sweep import check_names, console, grid, note, parse_list
 from fastssl.bench.timing import TimedWindow, WindowFigures
 from fastssl.config import DataConfig
-from fastssl.errors import UserError, resolve_compile, resolve_device
+from fastssl.errors import UserError, resolve_compile, resolve_device, seed_option
 
 from pipelines.augment import PRESETS, AugmentSpec, preset
 from pipelines.base import LoaderContext, ViewLoader, build_loader
@@ -219,7 +219,7 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first (default: %(default)s)")
     p.add_argument("--device", default="auto",
                    help="where views are delivered: auto | cpu | cuda (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_option, default=0)
 
 
 def run(args) -> BenchRecord:
