@@ -11,14 +11,15 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shlex
 import shutil
 import struct
 from pathlib import Path
 
 import torch
 
-from fastssl.errors import UserError
-from fastssl.fileio import write_atomic
+from fastssl.errors import UserError, raise_together
+from fastssl.fileio import fsync_folder, write_atomic
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _TMP_DIR = re.compile(r"^\.tmp-step_(\d{8})$")
@@ -48,35 +49,105 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_hint(run_dir: Path, world: int, extra: str = "") -> str:
+    """The command that continues a stopped run. Several processes: the same launcher (one process would take
+    the whole global batch)."""
+    args = f"tools/train.py {shlex.quote(str(run_dir / 'config.yaml'))} {shlex.quote(f'resume={run_dir}')}{extra}"
+    if world == 1:
+        return f"continue with `python {args}`"
+    return f"continue by launching {world} processes as before with `{args}`"
+
+
 def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, encoder: torch.nn.Module,
                     config_dict: dict, keep: int = 2) -> Path:
+    """Write step `step` whole or not at all. A write the disk refuses (full, quota, read-only) is a UserError on
+    every process, naming the checkpoint that resume would use; the failed one leaves no folder behind."""
     ckpt = Path(run_dir) / "checkpoints"
     final = ckpt / f"step_{step:08d}"
     tmp = ckpt / f".tmp-step_{step:08d}"
-    if accelerator.is_main_process:
-        ckpt.mkdir(parents=True, exist_ok=True)
-        # A process killed while saving (its `finally` never ran) leaves a .tmp-step_*; nothing else lists those.
-        for stale in ckpt.iterdir():
-            if _TMP_DIR.match(stale.name):
-                shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    main = accelerator.is_main_process
+    failure = None
+
+    def refused(error: Exception) -> str:
+        message = _write_failure(error, accelerator, Path(run_dir), final)
+        if message is None:
+            raise error
+        return message
+
+    # Each phase ends in raise_together, also the barrier between them: every process agrees that the phase
+    # before succeeded (in the middle one, every process has written its files).
     try:
-        accelerator.save_state(str(tmp), safe_serialization=False)
-        if accelerator.is_main_process:
-            torch.save({"encoder": encoder.state_dict(), "config": config_dict, "step": step}, tmp / ENCODER_FILE)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            if final.exists():  # re-saving a step (e.g. end of run right after a periodic save)
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            write_atomic(ckpt / "latest", final.name + "\n")
-            for old in list_checkpoints(run_dir)[:-max(1, keep)]:
-                shutil.rmtree(old, ignore_errors=True)
+        if main:
+            try:
+                ckpt.mkdir(parents=True, exist_ok=True)
+                # A process killed while saving (its `finally` never ran) leaves a .tmp-step_*; nothing else lists
+                # those.
+                for stale in ckpt.iterdir():
+                    if _TMP_DIR.match(stale.name):
+                        shutil.rmtree(stale, ignore_errors=True)
+            except OSError as e:
+                failure = refused(e)
+        raise_together(accelerator, failure)
+        try:
+            accelerator.save_state(str(tmp), safe_serialization=False)
+            if main:
+                torch.save({"encoder": encoder.state_dict(), "config": config_dict, "step": step}, tmp / ENCODER_FILE)
+        except (OSError, RuntimeError) as e:
+            failure = refused(e)
+        raise_together(accelerator, failure)
+        if main:
+            try:
+                _fsync_tree(tmp)  # on disk before it is named: after a power cut, the old checkpoints or a whole one
+                if final.exists():  # re-saving a step (e.g. end of run right after a periodic save)
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+                write_atomic(ckpt / "latest", final.name + "\n")  # fsyncs the folder, so the rename too
+            except OSError as e:
+                failure = refused(e)
+            except UserError as e:  # write_atomic's refused write
+                failure = refused(OSError(str(e)))
+            else:
+                for old in list_checkpoints(run_dir)[:-max(1, keep)]:
+                    shutil.rmtree(old, ignore_errors=True)
+        raise_together(accelerator, failure)
     finally:
-        if accelerator.is_main_process and tmp.exists():
+        if main and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
     return final
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders holding them
+        if path.is_dir():
+            fsync_folder(path)
+        else:
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_folder(folder)
+
+
+# What torch.save's zip writer raises when the file system refuses a write (a full disk gives "[enforce fail at
+# inline_container.cc:...] unexpected pos N vs M"): a RuntimeError without errno. Any other RuntimeError is a bug.
+_TORCH_WRITE_FAILED = ("inline_container", "unexpected pos", "file write failed")
+
+
+def _write_failure(error: Exception, accelerator, run_dir: Path, target: Path) -> str | None:
+    """The one-line message for a checkpoint the disk refused; None when `error` is not a failed write (a bug)."""
+    if isinstance(error, OSError):
+        why = error.strerror or str(error)
+    elif any(m in str(error) for m in _TORCH_WRITE_FAILED):
+        try:  # measured now, while the partial files still take their space
+            free = f" with {shutil.disk_usage(target.parent).free / 2**20:.1f} MiB free on its disk"
+        except OSError:
+            free = ""
+        why = f"torch's file write stopped short{free}"
+    else:
+        return None
+    last = latest_checkpoint(run_dir)
+    kept = (f"the last complete checkpoint is {last.name}; make room (or fix the folder), then "
+            f"{resume_hint(run_dir, accelerator.num_processes)}" if last else
+            "no checkpoint yet: make room (or fix the folder), then the same command starts the run again")
+    return f"cannot write checkpoint {target.name} to {target.parent}: {why}; {kept}"
 
 
 def _find_encoder_file(path: str | os.PathLike) -> Path:

@@ -3,7 +3,9 @@
 Anything a user can fix (a recipe key, a path, a corrupt file, a missing optional package) is raised as
 `UserError` with a one-line message naming the value received and what was expected. The command-line
 tools catch it, print `error: <message>` and exit with status 2; everything else is a bug and keeps its
-traceback. `ArgumentParser` gives argparse's own errors the same one-line form.
+traceback. `ArgumentParser` gives argparse's own errors the same one-line form. With several processes,
+`raise_together` raises one process's error on all of them (none is left waiting at a collective) and
+`from_main` gives all of them the main process's decision.
 """
 
 from __future__ import annotations
@@ -154,3 +156,28 @@ def resolve_compile(flag: str, device, key: str = "model.compile") -> bool:
     if flag not in valid:
         raise UserError(f"unknown {key} {flag!r}; valid: {', '.join(valid)}")
     return flag == "true" or (flag == "auto" and device.type == "cuda")
+
+
+def raise_together(accelerator, failure: str | None) -> None:
+    """Raise UserError(failure) on every process if any process has one: a rank that raised alone would leave
+    the others waiting at their next collective until its timeout."""
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        failures: list = [None] * accelerator.num_processes
+        dist.all_gather_object(failures, failure)
+        failure = next((f for f in failures if f), None)
+    if failure:
+        raise UserError(failure)
+
+
+def from_main(accelerator, value):
+    """The main process's `value` on every process: a decision that reads files (which another node may see
+    late) is taken once, so every process takes the same branch before the next collective."""
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value

@@ -5,17 +5,16 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shlex
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from fastssl.checkpoint import UNREADABLE_ERRORS, latest_checkpoint, load_encoder, save_checkpoint
+from fastssl.checkpoint import UNREADABLE_ERRORS, latest_checkpoint, load_encoder, resume_hint, save_checkpoint
 from fastssl.config import Config, config_to_dict, dump_config
 from fastssl.data.shards import is_shard_dir
-from fastssl.errors import UserError, resolve_compile
+from fastssl.errors import UserError, from_main, raise_together, resolve_compile
 from fastssl.fileio import write_atomic
 from fastssl.eval.knn import check_bank_size, paired_folders
 from fastssl.eval.monitor import KnnMonitor
@@ -90,40 +89,6 @@ def nonfinite_weights(method: torch.nn.Module, step: int) -> str | None:
     return None
 
 
-def raise_together(accelerator, failure: str | None) -> None:
-    """Raise UserError(failure) on every process if any process has one: a rank that raised alone would leave
-    the others waiting at their next collective until its timeout."""
-    if accelerator.num_processes > 1:
-        import torch.distributed as dist
-
-        failures: list = [None] * accelerator.num_processes
-        dist.all_gather_object(failures, failure)
-        failure = next((f for f in failures if f), None)
-    if failure:
-        raise UserError(failure)
-
-
-def from_main(accelerator, value):
-    """The main process's `value` on every process: a decision that reads files (which another node may see
-    late) is taken once, so every process takes the same branch before the next collective."""
-    if accelerator.num_processes > 1:
-        import torch.distributed as dist
-
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        value = box[0]
-    return value
-
-
-def _resume_hint(run_dir: Path, world: int, extra: str = "") -> str:
-    """The command that continues a stopped run. Several processes: the same launcher (one process would take
-    the whole global batch)."""
-    args = f"tools/train.py {shlex.quote(str(run_dir / 'config.yaml'))} {shlex.quote(f'resume={run_dir}')}{extra}"
-    if world == 1:
-        return f"continue with `python {args}`"
-    return f"continue by launching {world} processes as before with `{args}`"
-
-
 @contextlib.contextmanager
 def _say_where_on_interrupt(state, run_dir: Path, world: int, main: bool):
     """Ctrl-C stops at once (no checkpoint of the steps since the last one): say what is kept and how to go on."""
@@ -133,7 +98,7 @@ def _say_where_on_interrupt(state, run_dir: Path, world: int, main: bool):
         if main:
             last = latest_checkpoint(run_dir)
             print(f"interrupted after step {state.step}; "
-                  + (f"the last checkpoint is {last.name}; {_resume_hint(run_dir, world)}" if last else
+                  + (f"the last checkpoint is {last.name}; {resume_hint(run_dir, world)}" if last else
                      "no checkpoint yet: the same command starts the run again"), flush=True)
         raise
 
@@ -142,7 +107,7 @@ def _stopped_by(signal_name: str, step: int, total: int, run_dir: Path, world: i
     if main:
         print(f"{signal_name} received: stopped at step {step} of {total}"
               + (", checkpoint written" if step < total else ", before the final evaluation")
-              + f"; {_resume_hint(run_dir, world)}", flush=True)
+              + f"; {resume_hint(run_dir, world)}", flush=True)
     return {"stopped_at_step": step, "signal": signal_name}
 
 
@@ -252,6 +217,9 @@ def train(cfg: Config) -> dict:
         if cfg.train.grad_accum > 1:
             progress.print("warning: gradient accumulation changes the loss: each micro-batch's negatives are "
                            "only its own samples, not the global batch")
+        if cfg.train.precision in ("bf16", "fp16") and accelerator.mixed_precision == "no":
+            progress.print(f"note: train.precision={cfg.train.precision} runs in fp32 here: mixed precision is for "
+                           f"CUDA GPUs, and this machine has none")
     unwrapped = accelerator.unwrap_model(method)
     config_dict = config_to_dict(cfg)
 
@@ -321,7 +289,7 @@ def train(cfg: Config) -> dict:
     if state.step < total:
         if main:
             print(f"stopped at step {state.step} of {total} (train.stop_after_steps); "
-                  f"{_resume_hint(run_dir, world, ' train.stop_after_steps=0')}", flush=True)
+                  f"{resume_hint(run_dir, world, ' train.stop_after_steps=0')}", flush=True)
         return {"stopped_at_step": state.step}
 
     if finished:  # resumed only for the final evaluation: the throughput is the logged one

@@ -18,7 +18,7 @@ from fastssl.config import config_from_dict
 from fastssl.encoders import create_encoder
 from fastssl.errors import UserError
 
-from conftest import save_perturbed_encoder
+from conftest import ROOT, save_perturbed_encoder
 
 SEED = 3  # not 0: a loader that seeded with a constant instead of the config's seed would show
 
@@ -139,6 +139,7 @@ class _FakeAccelerator:
     """The three members save_checkpoint uses, on one process; save_state writes a file and can fail half-way."""
 
     is_main_process = True
+    num_processes = 1
 
     def __init__(self):
         self.fail = False
@@ -164,7 +165,8 @@ def test_save_checkpoint_prunes_to_keep_and_a_failed_save_leaves_the_previous_on
     assert set(before) == {"model.bin", ckpt_mod.ENCODER_FILE}
 
     acc.fail = True
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(UserError, match=f"cannot write checkpoint step_00000005 to {ckpts}: disk full \\(simulated\\); "
+                                        f"the last complete checkpoint is step_00000004"):
         save_checkpoint(acc, tmp_path, 5, enc, {"step": 5}, keep=2)
     assert latest_checkpoint(tmp_path) == ckpts / "step_00000004"
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
@@ -175,6 +177,90 @@ def test_save_checkpoint_prunes_to_keep_and_a_failed_save_leaves_the_previous_on
     save_checkpoint(acc, tmp_path, 6, enc, {"step": 6}, keep=1)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000006"]
     assert load_encoder_checkpoint(tmp_path)["step"] == 6
+
+
+# What a full disk makes torch.save raise (its zip writer checks each write; no errno survives), and the OS's own.
+DISK_FULL = [OSError(28, "No space left on device"),
+             RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 25801600 vs 25801488"),
+             RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                          "data/3: file write failed")]
+
+
+@pytest.mark.parametrize("error", DISK_FULL, ids=["ENOSPC", "unexpected-pos", "file-write-failed"])
+def test_a_write_the_disk_refuses_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, error):
+    # Oracle: the project rule (one line naming what failed and what is kept; nothing half-written replaces a
+    # good checkpoint), with torch's own messages for a full disk.
+    acc, enc, ckpts = _FakeAccelerator(), torch.nn.Linear(2, 2), tmp_path / "checkpoints"
+    save_checkpoint(acc, tmp_path, 2, enc, {"step": 2})
+    before = {p.name: p.read_bytes() for p in (ckpts / "step_00000002").iterdir()}
+    real_save = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        if ".tmp-step_00000004" in str(f):
+            raise error
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full)
+    with pytest.raises(UserError) as e:
+        save_checkpoint(acc, tmp_path, 4, enc, {"step": 4})
+    why = "No space left on device" if isinstance(error, OSError) else "torch's file write stopped short with "
+    assert str(e.value).startswith(f"cannot write checkpoint step_00000004 to {ckpts}: {why}"), e.value
+    assert str(e.value).endswith(f"the last complete checkpoint is step_00000002; make room (or fix the folder), "
+                                 f"then continue with `python tools/train.py {tmp_path / 'config.yaml'} "
+                                 f"resume={tmp_path}`")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000002"]  # no .tmp-step_00000004
+    assert {p.name: p.read_bytes() for p in (ckpts / "step_00000002").iterdir()} == before
+
+    with pytest.raises(UserError, match="no checkpoint yet: make room"):  # nothing to fall back on
+        save_checkpoint(acc, tmp_path / "new", 4, enc, {"step": 4})
+    assert sorted(p.name for p in (tmp_path / "new" / "checkpoints").iterdir()) == []
+
+
+def test_a_bug_while_saving_keeps_its_traceback(tmp_path, monkeypatch):
+    # Only failed writes are the user's: any other RuntimeError from torch.save is a bug and stays one.
+    def bug(obj, f, *args, **kwargs):
+        raise RuntimeError("Tried to serialize object of unknown type")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", bug)
+    with pytest.raises(RuntimeError, match="unknown type"):
+        save_checkpoint(_FakeAccelerator(), tmp_path, 4, torch.nn.Linear(2, 2), {})
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from fastssl.data.synthetic import make_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("synthetic") / "ds"
+    make_synthetic_dataset(out, classes=4, train_per_class=10, val_per_class=1, size=32, seed=0)
+    return out
+
+
+def test_a_full_disk_at_the_second_checkpoint_stops_training_with_one_line(tiny_data, tmp_path, monkeypatch, capsys):
+    # Through the trainer and its command line, as the reviewer's full disk did: the first checkpoint is written,
+    # the second one's files are refused (torch's RuntimeError from its zip writer), whichever file comes first.
+    from tools.train import main
+
+    out, real_save = tmp_path / "run", torch.save
+
+    def full(obj, f, *args, **kwargs):
+        if ".tmp-step_00000004" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 25801600 vs 25801488")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full)
+    rc = main([str(ROOT / "recipes/simclr_resnet18_synthetic.yaml"), f"data.path={tiny_data}/train",
+               "eval.knn_val_path=", f"output_dir={out}", "data.image_size=32", "data.batch_size=8",
+               "data.workers=0", "train.max_steps=4", "train.checkpoint_every=2", "train.progress=false",
+               "method.proj_hidden=64", "method.proj_dim=32", "model.compile=false", "data.compile=false"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot write checkpoint step_00000004 to "
+                                                    f"{out / 'checkpoints'}: torch's file write stopped short"), err
+    assert "the last complete checkpoint is step_00000002; " in err
+    assert latest_checkpoint(out).name == "step_00000002"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000002"]
+    assert load_encoder_checkpoint(out)["step"] == 2
 
 
 def test_save_checkpoint_clears_temporary_folders_left_by_a_killed_save(tmp_path):

@@ -199,7 +199,7 @@ def _agreement_worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     from fastssl.errors import UserError
-    from fastssl.train import from_main, raise_together
+    from fastssl.errors import from_main, raise_together
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     acc = types.SimpleNamespace(num_processes=2)

@@ -58,15 +58,19 @@ def test_an_accelerate_dynamo_backend_is_set_aside_with_a_note():
 
 def test_cli_run_writes_config_metrics_checkpoint_and_summary(tiny_data, tmp_path):
     out = tmp_path / "run"
-    proc = run_tool("tools/train.py", str(RECIPE), *_overrides(tiny_data, out))
+    args = [*_overrides(tiny_data, out), "train.precision=bf16"]
+    proc = run_tool("tools/train.py", str(RECIPE), *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "kNN top-1" in proc.stdout and "random init" in proc.stdout
+    if not torch.cuda.is_available():  # asked for, and not given in silence
+        assert "precision no;" in proc.stdout
+        assert "note: train.precision=bf16 runs in fp32 here: mixed precision is for CUDA GPUs" in proc.stdout
     # The global-batch arithmetic is printed at start even with train.progress=false (per-step lines off).
     assert "global batch 8 = 1 process(es) x 8; peak lr 0.03125 (1.0 x linear scaling)" in proc.stdout
     assert "device cpu; torch.compile: networks no, views no\n" in proc.stdout  # auto: on CUDA only
     assert "\nstep 1 " not in proc.stdout
     saved = load_config(out / "config.yaml")
-    assert saved == load_config(RECIPE, _overrides(tiny_data, out))
+    assert saved == load_config(RECIPE, args)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["loss"] > 0 and r["images_per_s"] > 0 for r in rows)
@@ -259,7 +263,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tiny_data, tmp_path,
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(ckpt_mod.torch, "save", crash_on_encoder)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(UserError, match=r"disk full \(simulated\); the last complete checkpoint is step_00000002"):
         train(_cfg(tiny_data, out, "train.max_steps=4", "eval.knn_val_path=", f"resume={out}"))
     assert latest_checkpoint(out) == good
     assert [p.name for p in list_checkpoints(out)] == [good.name]
