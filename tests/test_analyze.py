@@ -120,6 +120,8 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
         (("attention", "--checkpoint", setup["resnet"], "--data", setup["data"], "--out", out),
          ["resnet18", "simclr", "need a ViT"]),
         (("attention", "--checkpoint", setup["vit"], "--images", "--out", out), ["image list is empty"]),
+        (("attention", "--checkpoint", setup["vit"], "--images", setup["data"], "--out", out),
+         [f"--images {setup['data']} is a folder; expected image files"]),
         (("cka", "--checkpoint", setup["vit"], "--out", out), ["--data"]),
         (("cka", "--checkpoint", setup["vit"], "--data", setup["data"], "--num-images", "0", "--out", out),
          [">= 1, got 0"]),

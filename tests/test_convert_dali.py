@@ -299,13 +299,18 @@ def test_cli_bad_input_and_overwrite(tmp_path):
     assert_user_error(run_tool("tools/convert_dali.py", str(tmp_path / "src"), str(tmp_path / "busy"),
                                "--overwrite"), "not a previous conversion")
     assert (tmp_path / "busy" / "keep.txt").read_text() == "user data"
+    (tmp_path / "afile").write_text("user data")
+    for overwrite in ([], ["--overwrite"]):  # a file is never a previous conversion: refused, and kept
+        assert_user_error(run_tool("tools/convert_dali.py", str(tmp_path / "src"), str(tmp_path / "afile"),
+                                   *overwrite), f"output {tmp_path / 'afile'} is a file", "expected a folder path")
+    assert (tmp_path / "afile").read_text() == "user data"
 
     assert run_tool("tools/convert_dali.py", str(tmp_path / "src"), str(tmp_path / "out")).returncode == 0
     _jpeg(tmp_path / "src" / "cat" / "new.jpg", 30, 30, seed=9)
     proc = run_tool("tools/convert_dali.py", str(tmp_path / "src"), str(tmp_path / "out"), "--overwrite")
     assert proc.returncode == 0, proc.stderr
     assert len(open_shards(tmp_path / "out")) == 7
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "out", "src"]  # no old/partial folders left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "busy", "out", "src"]  # no old/partial folders
 
 
 def test_output_and_source_may_not_nest(tmp_path):

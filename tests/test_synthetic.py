@@ -5,12 +5,13 @@ numpy) for the shape signal, and binomial chance bounds for what colour alone ca
 from __future__ import annotations
 
 import hashlib
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import assert_user_error, run_tool
+from conftest import assert_user_error, run_tool, signal_mid_conversion
 from fastssl.data import synthetic
 from fastssl.data.imagefolder import load_rgb, scan_image_folder
 from fastssl.data.synthetic import (AREA_SIDE_RANGE, FAMILY_NAMES, STRETCH_RANGE, encode_jpeg,
@@ -235,6 +236,27 @@ def test_leftovers_of_a_killed_run_are_cleaned_and_a_caught_dataset_returns(tmp_
     with pytest.raises(UserError, match="not empty"):  # the restored dataset is not replaced without --force
         make_synthetic_dataset(out, classes=2, train_per_class=1, val_per_class=1, size=16, seed=1)
     assert _hashes(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("sig, code, message", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                                  (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_mid_run_leaves_no_partial_folder_and_the_previous_dataset(tmp_path, sig, code, message):
+    # Oracle: the tool's contract (OUT whole or untouched, one error line, the exit status the convert tools give)
+    # under a scheduler's time limit or Ctrl-C. A real process, signalled while its partial folder fills (each
+    # image slowed by 50 ms), with a previous dataset at OUT that --force would replace.
+    out = tmp_path / "out"
+    make_synthetic_dataset(out, classes=2, train_per_class=1, val_per_class=1, size=16)
+    before = _hashes(out)
+
+    def writing() -> bool:
+        return any(p.name.startswith(".out.partial-") and any(p.rglob("*.jpg")) for p in tmp_path.iterdir())
+
+    rc, stderr = signal_mid_conversion("make_synthetic.py", "fastssl.data.synthetic:encode_jpeg", writing,
+                                       [str(out), "--classes", "2", "--train-per-class", "100", "--size", "16",
+                                        "--force"], sig)
+    assert rc == code and stderr.strip() == f"error: {message}", stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .out.partial-<pid>, no .out.old-<pid>
+    assert _hashes(out) == before
 
 
 @pytest.mark.parametrize("kwargs, fragment", [

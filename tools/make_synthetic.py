@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 import argparse  # noqa: E402
 
 from fastssl.data.synthetic import FAMILY_NAMES, make_synthetic_dataset  # noqa: E402
-from fastssl.errors import ArgumentParser, cli_main  # noqa: E402
+from fastssl.errors import ArgumentParser, cli_main, sigterm_as_interrupt  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,8 +27,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    print(make_synthetic_dataset(a.out, a.classes, a.train_per_class, a.val_per_class, a.size, a.seed,
-                                 force=a.force))
+    with sigterm_as_interrupt():  # a scheduler's time limit: remove the partial folder as Ctrl-C does
+        summary = make_synthetic_dataset(a.out, a.classes, a.train_per_class, a.val_per_class, a.size, a.seed,
+                                         force=a.force)
+    print(summary)
 
 
 if __name__ == "__main__":

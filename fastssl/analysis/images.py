@@ -19,6 +19,9 @@ def pick_images(data: str | None = None, files: list[str] | None = None, n: int 
     if files is not None:
         if not files:
             raise UserError("the image list is empty; expected one or more image files")
+        folders = [f for f in files if Path(f).is_dir()]
+        if folders:
+            raise UserError(f"--images {folders[0]} is a folder; expected image files (for an ImageFolder use --data)")
         missing = [f for f in files if not Path(f).is_file()]
         if missing:
             raise UserError(f"image file {missing[0]} does not exist ({len(missing)} of {len(files)} missing)")

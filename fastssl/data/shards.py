@@ -164,7 +164,10 @@ def convert_image_folder(src: str | os.PathLike, out_dir: str | os.PathLike, sha
     _check_not_nested(Path(src).expanduser().absolute(), out)
     index = scan_image_folder(src)
     clean_up_killed_builds(out, complete=is_shard_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():  # never a previous conversion, so --overwrite does not replace it either
+        raise UserError(f"output {out} is a file; expected a folder path for the shards (a new or empty folder, or a "
+                        f"previous conversion with --overwrite)")
+    if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"output {out} already exists and is not an empty directory; expected a new path "
                             f"(or --overwrite to replace a previous conversion)")
