@@ -192,6 +192,37 @@ def test_overwrite_replaces_only_when_asked_and_the_os_refusing_is_one_line(fold
     assert describe(tmp_path / "d.beton")["images"] == 12 and os.listdir(tmp_path) == ["d.beton"]
 
 
+_DISK_FULL_TOOL = """
+import runpy, signal, sys, time
+from ffcv.memory_allocator import MemoryAllocator
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under a shell that ignores it
+def disk_full(self):  # ffcv's page write, in the writer processes (forked: they inherit this)
+    if self.my_page >= 0:
+        time.sleep(0.5)  # the parent, having counted every sample, now waits in a blocking read for page tables
+        raise OSError(28, "No space left on device")  # as write(2) says it: errno, no file name
+MemoryAllocator.flush_page = disk_full
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.ffcv
+def test_disk_full_in_a_writer_process_is_one_line_and_keeps_the_previous_file(folder, tmp_path):
+    # Oracle: the tool's contract (one error line naming OUT and the OS's reason, no traceback, OUT untouched, no
+    # temporary left) when the disk fills up as ffcv's writer processes write their last pages: both workers
+    # fail (each holds a page), and neither may print multiprocessing's traceback.
+    pytest.importorskip("ffcv")
+    from fastssl.data.beton import convert_image_folder
+
+    out = convert_image_folder(folder, tmp_path / "good.beton", page_mib=2).path
+    before = out.read_bytes()
+    proc = run_tool("-c", _DISK_FULL_TOOL, "tools/convert_ffcv.py", str(folder), str(out), "--workers", "2",
+                    "--chunk-size", "6", "--page-mib", "2", "--overwrite", timeout=60)
+    assert_user_error(proc, f"cannot write {out}: No space left on device")
+    assert "leaked shared_memory" not in proc.stderr, proc.stderr
+    assert os.listdir(tmp_path) == ["good.beton"] and out.read_bytes() == before
+
+
 @pytest.mark.ffcv
 @pytest.mark.parametrize("sig, code, message", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
                                                 (signal.SIGINT, 130, "interrupted")])

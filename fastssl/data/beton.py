@@ -11,11 +11,13 @@ import multiprocessing
 import os
 import queue
 import re
+import signal
 import sys
 import threading
 import _thread
 from multiprocessing import shared_memory
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -81,19 +83,47 @@ class _Samples:
 _PLACEHOLDER = np.zeros((8, 8, 3), np.uint8)
 
 
-def _watch_workers(stop: threading.Event, failed: list[str]) -> None:
-    """Interrupt the main thread when one of ffcv's writer processes dies (killed, out of memory): ffcv would
-    wait forever for its samples. Best effort: active_children() reaps an exited process, so a worker dying
-    before the first look is not seen. Failing images do not kill workers (see _Samples)."""
+def _cannot_write(out: Path, error: OSError) -> str:
+    where = f" ({error.filename})" if error.filename else ""
+    return f"cannot write {out}: {error.strerror or error}{where}; expected a writable folder with free space"
+
+
+def _writer_process(reasons, out: Path, job, *args) -> None:
+    """ffcv's writer job `job(*args)`, in one of its writer processes. An OSError (the disk filling up as a page is
+    written) is the user's to fix: its one-line message goes to the parent through `reasons`, and the process
+    exits with status 1 instead of printing multiprocessing's traceback. Any other error is a bug and keeps it."""
+    try:
+        job(*args)
+    except OSError as e:
+        reasons.put(_cannot_write(out, e))
+        sys.exit(1)  # multiprocessing exits silently on SystemExit, after its queues have sent what was put
+
+
+def _watch_workers(stop: threading.Event, failed: list[str], reasons, root) -> None:
+    """Interrupt the main thread when one of ffcv's writer processes dies (disk full, killed, out of memory): ffcv
+    would wait forever for its samples or its page table. `failed` gets the error message a writer sent on
+    `reasons` before exiting (see _writer_process), else one with the bare exit status. The message also covers a
+    writer that exited before the first look: active_children() reaps an exited process, so exit statuses are
+    best effort. Failing images do not kill workers (see _Samples)."""
     seen: dict[int, multiprocessing.Process] = {}
     while not stop.wait(0.2):
         for p in multiprocessing.active_children():
             seen[p.pid] = p
         dead = [p for p in seen.values() if p.exitcode not in (None, 0)]
-        if dead:
-            failed.append(f"writer process {dead[0].pid} died with exit code {dead[0].exitcode}")
-            _thread.interrupt_main()
-            return
+        try:  # a message sent before the exit is in the pipe once the exit is seen
+            failed.append(reasons.get(timeout=1.0) if dead else reasons.get_nowait())
+        except queue.Empty:
+            if not dead:
+                continue
+            failed.append(f"conversion of {root} stopped: writer process {dead[0].pid} died with exit code "
+                          f"{dead[0].exitcode}")
+        if callable(signal.getsignal(signal.SIGINT)):
+            # A real SIGINT: interrupt_main() only sets a flag, which a main thread blocked in a read never checks,
+            # and a writer failing on its last page does so while ffcv waits for the page tables.
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        else:
+            _thread.interrupt_main()  # SIGINT ignored or default: a no-op (a real one would kill or be lost)
+        return
 
 
 def _validate(out: Path, overwrite: bool, max_resolution, jpeg_quality, write_mode, compress_probability,
@@ -169,14 +199,16 @@ def convert_image_folder(src, out, *, max_resolution: int | None = None, jpeg_qu
     writer = DatasetWriter(str(tmp), {IMAGE_FIELD: image_field, LABEL_FIELD: IntField()},
                            page_size=page_mib << 20, num_workers=workers)
     ctx = multiprocessing.get_context("fork")
-    errors, failures = ctx.Queue(), ctx.Value("i", 0)
+    errors, failures, reasons = ctx.Queue(), ctx.Value("i", 0), ctx.Queue()
     stop, failed = threading.Event(), []
-    watchdog = threading.Thread(target=_watch_workers, args=(stop, failed), daemon=True)
+    watchdog = threading.Thread(target=_watch_workers, args=(stop, failed, reasons, index.root),
+                                daemon=True)
     watchdog.start()
     before = set(multiprocessing.active_children())
     try:
         with children_ignore_stop_signals():  # ffcv's writer processes; killed below on an interrupt
-            writer.from_indexed_dataset(_Samples(samples, errors, failures), chunksize=chunk_size)
+            _write_indexed(writer, _Samples(samples, errors, failures), chunk_size,
+                           partial(_writer_process, reasons, out))
         stop.set()
         if failures.value:
             try:  # the count is shared memory; the message follows through the queue's pipe
@@ -192,15 +224,25 @@ def convert_image_folder(src, out, *, max_resolution: int | None = None, jpeg_qu
         _free_shared_memory(writer)
         if not failed:
             raise
-        raise UserError(f"conversion of {index.root} stopped: {failed[0]}") from None
+        raise UserError(failed[0]) from None
     except OSError as e:  # disk full, permissions, a path the OS refuses: the user can fix these
-        where = f" ({e.filename})" if e.filename else ""
-        raise UserError(f"cannot write {out}: {e.strerror or e}{where}; expected a writable folder with free "
-                        f"space") from None
+        raise UserError(_cannot_write(out, e)) from None
     finally:
         stop.set()
         tmp.unlink(missing_ok=True)
     return ConvertSummary(out, len(samples), len(index.classes), out.stat().st_size, skipped)
+
+
+def _write_indexed(writer, dataset, chunk_size: int, wrap) -> None:
+    """writer.from_indexed_dataset(dataset, chunksize=chunk_size), with each writer process running
+    wrap(job, *args) instead of ffcv's job(*args). ffcv (pinned at 1.0.2) offers no hook into its processes, so
+    this calls the private _write_common exactly as from_indexed_dataset does."""
+    from ffcv.utils import chunks
+    from ffcv.writer import worker_job_indexed_dataset
+
+    indices = list(enumerate(range(len(dataset))))  # (place in the file, sample index)
+    writer._write_common(len(indices), chunks(indices, chunk_size), partial(wrap, worker_job_indexed_dataset),
+                         (dataset,))
 
 
 def _free_shared_memory(writer) -> None:
