@@ -183,6 +183,10 @@ def load_encoder_checkpoint(path: str | os.PathLike) -> dict:
         if isinstance(ckpt, dict) and any(str(k).startswith("encoder.") for k in ckpt):
             hint = f"; it looks like accelerate's training state: pass its step_* folder, which holds {ENCODER_FILE}"
         raise UserError(f"{str(f)!r} is not a fastssl encoder checkpoint (expected keys encoder, config){hint}")
+    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["encoder"], dict):
+        raise UserError(f"{str(f)!r} holds a {type(ckpt['config']).__name__} config and a "
+                        f"{type(ckpt['encoder']).__name__} encoder; expected a config mapping and a state dict, as "
+                        f"fastssl writes them")
     return ckpt
 
 

@@ -113,6 +113,14 @@ def test_a_readable_file_that_is_not_an_encoder_checkpoint_says_so(tmp_path, con
     assert ("it looks like accelerate's training state: pass its step_* folder" in msg) == hint and "\n" not in msg
 
 
+def test_a_hand_edited_config_is_named_not_a_traceback(tmp_path):
+    f = tmp_path / "model.pt"
+    torch.save({"encoder": {"w": torch.zeros(1)}, "config": "resnet18", "step": 1}, f)
+    with pytest.raises(UserError) as e:
+        load_encoder(f)
+    assert "holds a str config and a dict encoder; expected a config mapping and a state dict" in str(e.value)
+
+
 def test_a_bug_inside_torch_load_is_not_reported_as_a_bad_file(tmp_path, monkeypatch):
     _tiny(tmp_path, 1)
 
