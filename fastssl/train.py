@@ -199,6 +199,8 @@ def train(cfg: Config) -> dict:
             write_atomic(run_dir / "config.yaml", dump_config(replace(cfg, resume="")))
         except OSError as e:  # changed since check_creatable looked (full disk, removed, read-only)
             failure = f"output_dir {str(run_dir)!r} cannot be written: {e.strerror}"
+        except UserError as e:  # write_atomic's refused write
+            failure = str(e)
     raise_together(accelerator, failure)
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main, resume_step=state.step if resuming else None)
