@@ -158,8 +158,14 @@ def train(cfg: Config) -> dict:
               flush=True)
     failure = None
     if resuming:
-        checkpoint = latest_checkpoint(run_dir)
+        checkpoint = from_main(accelerator, latest_checkpoint(run_dir))  # one choice, whatever each node sees
         try:
+            # accelerate skips an unreadable random-state file in silence (it only logs): the model's own draws
+            # (drop-path masks, DRLoc's pairs) would then leave the uninterrupted run's path. A missing one is a
+            # resume on more processes than were saved, which the notice below describes.
+            rng_file = checkpoint / f"random_states_{accelerator.process_index}.pkl"
+            if rng_file.exists():
+                torch.load(rng_file, weights_only=False)  # fastssl's own checkpoint, as accelerate loads it
             accelerator.load_state(str(checkpoint))
         except UNREADABLE_ERRORS as e:
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
