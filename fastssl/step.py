@@ -64,16 +64,22 @@ def make_accelerator(precision: str = "auto", device: str = "auto"):
 
     Never accelerate's own torch.compile: an accelerate config with a dynamo backend (`accelerate config` asks)
     would wrap the whole method, momentum updates and queue included, on top of model.compile's networks. It
-    is set aside with a one-line note, and model.compile / data.compile decide."""
+    is set aside with a one-line note, and model.compile / data.compile decide. So is a mixed precision the
+    config (or `accelerate launch --mixed_precision`) asks for that train.precision does not give."""
     from accelerate import Accelerator
 
     cpu = resolve_device(device) == "cpu"
     asked = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no")
+    asked_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     accelerator = Accelerator(mixed_precision="no" if cpu else resolve_precision(precision), cpu=cpu,
                               kwargs_handlers=[ddp_options()], dynamo_backend="no")
-    if asked.lower() != "no" and accelerator.is_main_process:
-        print(f"note: the accelerate config's dynamo_backend={asked} is not used; fastssl compiles with "
-              "model.compile and data.compile (auto: on CUDA)", file=sys.stderr)
+    if accelerator.is_main_process:
+        if asked.lower() != "no":
+            print(f"note: the accelerate config's dynamo_backend={asked} is not used; fastssl compiles with "
+                  "model.compile and data.compile (auto: on CUDA)", file=sys.stderr)
+        if asked_precision.lower() != "no" and asked_precision.lower() != accelerator.mixed_precision:
+            print(f"note: the accelerate config's mixed_precision={asked_precision} is not used; train.precision="
+                  f"{precision} decides ({accelerator.mixed_precision} here)", file=sys.stderr)
     return accelerator
 
 

@@ -56,6 +56,19 @@ def test_an_accelerate_dynamo_backend_is_set_aside_with_a_note():
     assert "dynamo_backend=INDUCTOR is not used; fastssl compiles with model.compile and data.compile" in proc.stderr
 
 
+def test_an_accelerate_mixed_precision_that_is_not_given_says_so():
+    # `accelerate launch --mixed_precision fp16` (or its config) sets ACCELERATE_MIXED_PRECISION; train.precision
+    # decides, and a run that does not get what the launcher asked for is told.
+    code = "from fastssl.step import make_accelerator; print(make_accelerator('fp32', 'cpu').mixed_precision)"
+    proc = run_tool("-c", code, env={"ACCELERATE_MIXED_PRECISION": "fp16"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["no"]
+    assert "note: the accelerate config's mixed_precision=fp16 is not used; train.precision=fp32 decides (no here)" \
+        in proc.stderr
+    quiet = run_tool("-c", code, env={"ACCELERATE_MIXED_PRECISION": "no"})
+    assert quiet.returncode == 0 and "note:" not in quiet.stderr
+
+
 def test_cli_run_writes_config_metrics_checkpoint_and_summary(tiny_data, tmp_path):
     out = tmp_path / "run"
     args = [*_overrides(tiny_data, out), "train.precision=bf16"]
