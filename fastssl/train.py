@@ -229,7 +229,7 @@ def train(cfg: Config) -> dict:
             progress.print(f"note: train.precision={cfg.train.precision} runs in fp32 here: mixed precision is for "
                            f"CUDA GPUs, and this machine has none")
     unwrapped = accelerator.unwrap_model(method)
-    config_dict = config_to_dict(cfg)
+    config_dict = config_to_dict(replace(cfg, resume=""))  # as config.yaml: the run, not how it was started
 
     def checkpoint() -> None:  # never of diverged weights: they would rotate the last good checkpoint out
         raise_together(accelerator, nonfinite_weights(unwrapped, state.step))

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from fastssl import checkpoint as ckpt_mod
-from fastssl.checkpoint import latest_checkpoint, list_checkpoints
+from fastssl.checkpoint import latest_checkpoint, list_checkpoints, load_encoder_checkpoint
 from fastssl.config import load_config
 from fastssl.data.shards import convert_image_folder
 from fastssl.errors import UserError
@@ -178,6 +178,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_data, tmp_p
     train(_cfg(tiny_data, tmp_path / "part", *extra, f"resume={tmp_path / 'part'}", recipe=recipe))
     # The run's config.yaml describes the run, not how it was last launched: a new run made from it starts anew.
     assert load_config(tmp_path / "part/config.yaml").resume == ""
+    assert load_encoder_checkpoint(tmp_path / "part")["config"]["resume"] == ""  # nor does encoder.pt's copy
     full, resumed = _state(tmp_path / "full"), _state(tmp_path / "part")
     assert full.keys() == resumed.keys()
     for k in full:
