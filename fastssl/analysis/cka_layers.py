@@ -1,7 +1,9 @@
 """Per-layer features for CKA, from forward hooks on an encoder's stages.
 
 Which layers: for a ResNet, the stem and every residual block (`layer{s}.{b}`); for a ViT, the patch
-embedding and every transformer block. The last entry is always the encoder's own output (pooled features).
+embedding and every transformer block. The last entry is always the encoder's own output (pooled features):
+for a ResNet that is the last block's map averaged, so its row repeats the last block's (kept: every encoder
+shows the same last row).
 How a layer becomes one vector per image: spatial maps (B, C, H, W) are averaged over H x W (global
 average pooling, as the ResNet's head does); token sequences (B, T, D) are averaged over the patch tokens,
 leaving out [CLS] / register tokens so that a layer's vector does not depend on the pooling the method chose.
