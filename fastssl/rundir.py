@@ -45,6 +45,20 @@ def stopped_before_first_checkpoint(run: Path) -> bool:
     return all(p.name in _EARLY_RUN_FILES for p in run.iterdir()) and _holds_a_fastssl_config(run)
 
 
+def _check_outside_data(cfg: Config, run: Path) -> None:
+    """A run folder inside an ImageFolder would become one of its classes (without images) at the next scan,
+    and every later run or evaluation on that data would stop."""
+    out = run.expanduser().absolute().resolve()
+    for key in ("data.path", "eval.knn_train_path", "eval.knn_val_path"):
+        section, name = key.split(".")
+        folder = getattr(getattr(cfg, section), name)
+        if folder and Path(folder).is_dir():
+            src = Path(folder).expanduser().absolute().resolve()
+            if src in out.parents:
+                raise UserError(f"output_dir {cfg.output_dir!r} is inside {key} {folder!r}; expected a folder "
+                                f"outside the dataset, where the run cannot become one of its classes")
+
+
 def prepare_run_dir(cfg: Config) -> tuple[Config, Path, bool]:
     """Returns (config, run directory, resuming). Raises UserError before anything is written."""
     if cfg.resume:
@@ -71,6 +85,7 @@ def prepare_run_dir(cfg: Config) -> tuple[Config, Path, bool]:
     run = Path(cfg.output_dir)
     if run.exists() and not run.is_dir():
         raise UserError(f"output_dir {cfg.output_dir!r} exists and is not a directory")
+    _check_outside_data(cfg, run)
     check_creatable(run, "output_dir", contents_only=True)
     if run.is_dir() and any(run.iterdir()) and not stopped_before_first_checkpoint(run):
         if (run / "config.yaml").is_file() and _holds_a_fastssl_config(run):

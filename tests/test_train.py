@@ -544,6 +544,14 @@ def test_paths_that_cannot_work_fail_before_training(tiny_data, tmp_path):
                                         f"set eval.knn_train_path to an ImageFolder$"):
         train(_cfg(tiny_data, tmp_path / "c", "data.backend=dali", "data.device=cpu", f"data.path={shards}"))
     assert not any((tmp_path / d).exists() for d in "abc")
+    # Inside the ImageFolder the run would become a class folder without images, breaking the dataset.
+    for key, folder, inside in (("data.path", tiny_data / "train", ("runs", "x")),
+                                ("eval.knn_val_path", tiny_data / "val", ("r",))):
+        out = folder.joinpath(*inside)
+        with pytest.raises(UserError, match=f"output_dir '{out}' is inside {key} '{folder}'; expected a folder "
+                                            f"outside the dataset"):
+            train(_cfg(tiny_data, out))
+        assert not (folder / inside[0]).exists()
 
 
 def test_bad_inputs_are_one_line_errors_and_write_nothing(tiny_data, tmp_path):
