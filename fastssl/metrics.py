@@ -32,9 +32,10 @@ class MetricsLog:
 
 
 def _whole_records(path: Path) -> list[tuple[str, dict]]:
-    """(line, record) of each line that is a JSON object; a line cut short by a crash is not one."""
+    """(line, record) of each line that is a JSON object; a line cut short by a crash is not one, nor one whose
+    bytes are not text (the writer writes ASCII JSON: such a line is damage, skipped like a cut one)."""
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import assert_user_error, forbid, run_tool, save_perturbed_encoder
+from conftest import ROOT, assert_user_error, forbid, run_tool, save_perturbed_encoder
 from PIL import Image
 
 from fastssl.config import config_from_dict
@@ -95,7 +95,12 @@ def test_curves_png(tmp_path):
     lines = [json.dumps({"step": s, "epoch": s // 10, "loss": 5 - s / 10, "lr": 0.1, "images_per_s": 100.0})
              for s in range(5, 45, 5)]
     lines.insert(3, json.dumps({"step": 20, "epoch": 2, "knn_top1": 40.0, "knn_top5": 90.0}))
-    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 50, "lo')  # killed mid-write
+    # Killed mid-write, the last line cut short (here with bytes that are not even text): skipped, as the
+    # trainer's own reader skips it.
+    (run / "metrics.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b'{"step": 50, "lo\xff\xfe')
+    from fastssl.metrics import read_records
+
+    assert read_records(run / "metrics.jsonl") == [json.loads(x) for x in lines]
     out = tmp_path / "curves.png"
     assert _main("curves", str(run), "--out", str(out)) == 0  # a run still going: no summary.json yet
     _png(out)
@@ -114,6 +119,13 @@ def test_views_from_the_torch_backend(setup, tmp_path):
     assert w > 2 * h  # 2 rows (views) x 5 columns (images)
 
 
+def _damaged_run(tmp_path):
+    run = tmp_path / "damaged"
+    run.mkdir()
+    (run / "metrics.jsonl").write_bytes(b'{"step": 1, "loss": 1.0}\n\xff\xfe\n{"step": 2, "loss": 0.9}\n')
+    return run
+
+
 def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
     out = str(tmp_path / "x.png")
     cases = [
@@ -128,6 +140,9 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
         (("cka", "--checkpoint", setup["vit"], "--data", setup["data"], "--out", str(tmp_path / "x.jpg")),
          [".png"]),
         (("curves", str(tmp_path), "--out", out), ["metrics.jsonl"]),
+        (("curves", str(_damaged_run(tmp_path)), "--out", out), ["metrics.jsonl: line 2 is not JSON"]),
+        (("views", str(ROOT / "recipes/simclr_resnet18_synthetic.yaml"), f"data.path={setup['data']}", "seed=-1",
+          "--out", out), ["seed=-1; expected an integer in [0, 2**32 - 1]"]),
         (("cka", "--checkpoint", str(tmp_path / "missing"), "--data", setup["data"], "--out", out),
          ["does not exist"]),
     ]

@@ -446,6 +446,8 @@ def test_step_bench_end_to_end(folder, tmp_path):
     (["step", "--device", "cpu", "data.wokers=2"], ["wokers", "workers"]),
     (["loader", "--seed", "-1", "--backend", "torch"], ["--seed: -1; expected an integer in [0, 2**32 - 1]"]),
     (["augment", "--seed", str(2**64), "--device", "cpu"], [f"--seed: {2**64}; expected an integer in [0, 2**32"]),
+    (["step", "--device", "cpu", "seed=-1"], ["seed=-1; expected an integer in [0, 2**32 - 1]"]),
+    (["model", "--device", "cpu", "optim.lr=nan"], ["optim.lr=nan; expected a finite number > 0"]),
 ])
 def test_bad_input_is_one_line(argv, fragments):
     assert_user_error(run_tool("tools/bench.py", *argv), *fragments)
@@ -543,3 +545,15 @@ def test_a_compiled_row_starts_from_empty_dynamo_caches(monkeypatch, overrides, 
     cfg = load_config(ROOT / "recipes/simclr_resnet18_synthetic.yaml", [*TINY_MODEL, *overrides])
     TrainingStep(cfg, make_accelerator("no", "cpu")).close()
     assert len(calls) == resets
+
+
+def test_a_log_panel_without_positive_values_plots_without_a_warning(tmp_path):
+    # A CPU run's panel of GPU memory holds only zeros: matplotlib warned (two stray lines) on a log axis.
+    import warnings
+
+    from fastssl.bench.record import Panel, save_plot
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_plot(tmp_path / "p.png", [Panel("peak", "N", "MiB", {"cpu": ([1, 2], [0.0, 0.0])}, logy=True)])
+    assert (tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC

@@ -70,7 +70,11 @@ def _views(args) -> str:
         raise UserError(f"--num-images must be >= 1, got {args.num_images}")
     source = Path(args.config)
     cfg = load_config(source / "config.yaml" if source.is_dir() else source, args.overrides)
+    from fastssl.recipe_checks import check_ranges
     from pipelines.augment import spec_for
+
+    check_ranges(cfg, "seed")  # what the views depend on, as the trainer checks it
+    check_ranges(cfg, "data.")
     from pipelines.base import LoaderContext, build_loader
 
     spec = spec_for(cfg.data)  # the spec the trainer would compile, recipe overrides included

@@ -69,7 +69,7 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise UserError(f"{str(run_dir)!r} is not a run directory with metrics (no {path.name} in it)")
     records = []
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()  # bytes that are not text: not JSON
     last = max((i for i, line in enumerate(lines, 1) if line.strip()), default=0)
     for line_no, line in enumerate(lines, 1):
         if not line.strip():

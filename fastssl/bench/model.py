@@ -24,6 +24,7 @@ from fastssl.bench.timing import TimedWindow
 from fastssl.bench.trainstep import TrainingStep
 from fastssl.config import Config, apply_overrides, config_from_dict, load_yaml
 from fastssl.errors import UserError, resolve_compile
+from fastssl.recipe_checks import check_values
 from fastssl.step import make_accelerator
 
 from pipelines.augment import spec_for
@@ -149,6 +150,7 @@ def resolve_training(args) -> dict:
     check_minimums(("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--min-batch", args.min_batch, 1))
     base = apply_overrides(load_yaml(args.recipe), list(args.overrides))
     cfg = config_from_dict(base)
+    check_values(cfg)  # the trainer's range checks (seed, lr, grad_accum, ...): the same one-line refusals
     accelerator = make_accelerator(cfg.train.precision, args.device)
     cpu = accelerator.device.type == "cpu"
     defaults = CPU_DEFAULTS if cpu else dict(GPU_DEFAULTS, batch=cfg.data.batch_size)

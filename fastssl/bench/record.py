@@ -183,7 +183,8 @@ def save_plot(path: str | Path, panels: Sequence[Panel], suptitle: str = "") -> 
                 ax.plot(xs, ys, marker="o", label=label)
         if panel.logx and not panel.bars:
             ax.set_xscale("log", base=2)
-        if panel.logy:
+        # A log axis needs a positive value to show (a CPU run's panel of GPU memory holds none): linear then.
+        if panel.logy and any(y is not None and y > 0 for _, ys in panel.series.values() for y in ys):
             ax.set_yscale("log")
         ax.set(title=panel.title, xlabel=panel.xlabel, ylabel=panel.ylabel)
         ax.grid(True, which="both", alpha=0.3)
