@@ -138,7 +138,7 @@ class RegionDecoder(Operation):
                 w = min(max(np.int64(regions[index, 3]), 1), width - x0, wb)
                 out = destination[i]
                 out[:h, :w] = image[y0:y0 + h, x0:x0 + w]
-                # Edge replication, as ops.pad_batch: bilinear samples half a pixel past a box edge read it.
+                # Edge replication, as ops.pad_batch (crop_resize reads only the box, so any fill would do).
                 for y in range(h, hb):
                     out[y, :w] = out[h - 1, :w]
                 for x in range(w, wb):

@@ -25,10 +25,12 @@ from pipelines.base import (BACKENDS, LoaderContext, ViewBatch, batch_seed, chec
                             check_start_batch, data_device, host_to_device, shard_batches, steps_per_epoch)
 from pipelines.eval_views import build_eval_loader  # noqa: F401  (public here: fastssl.eval imports it)
 
-# A region is pre-shrunk by an integer factor f (block mean, an exact box filter) only while every box
-# of the image keeps at least PRESHRINK_MARGIN x the output side: then roi_align still averages >= 2 x 2
-# samples per output pixel, so quality is that of area resampling, and a 4000 px photo cropped to 224 px
-# is not shipped and sampled at full resolution.
+# A region is pre-shrunk by an integer factor f (block mean) only while every box
+# of the image keeps at least PRESHRINK_MARGIN x the output side, so a 4000 px photo cropped to 224 px is not
+# shipped and resampled at full resolution. The view's triangle filter then still spans >= 2 shrunk pixels
+# per output pixel: Pillow's reducing_gap=2 (reduce by an integer factor, then resample), close to the exact
+# filter. An image with a box side below 2 * PRESHRINK_MARGIN x the output side is not pre-shrunk (most of
+# ImageNet's at 224 px): its views are torchvision's exactly.
 PRESHRINK_MARGIN = 2
 _BOX_STREAM = 1  # the host crop-box draws and the device parameter draws of one batch use distinct streams
 

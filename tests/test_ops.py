@@ -210,45 +210,71 @@ def test_view_params_are_jointly_uniform_and_independent():
     assert ks_statistic(blurred, reference) < ks_critical(len(blurred), len(reference))
 
 
-def _bilinear_clamped(img: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    hgt, wid = img.shape[-2:]
-    y = np.clip(y, 0, hgt - 1)
-    x = np.clip(x, 0, wid - 1)
-    y0 = np.minimum(np.floor(y).astype(int), hgt - 2)
-    x0 = np.minimum(np.floor(x).astype(int), wid - 2)
-    fy, fx = y - y0, x - x0
-    return ((1 - fy) * (1 - fx) * img[..., y0, x0] + (1 - fy) * fx * img[..., y0, x0 + 1]
-            + fy * (1 - fx) * img[..., y0 + 1, x0] + fy * fx * img[..., y0 + 1, x0 + 1])
+def _pil_weights(in_size: int, out_size: int) -> np.ndarray:
+    """out_size x in_size float64 weights of PIL's bilinear resampling (Pillow's Resample.c precompute_coeffs,
+    which torchvision's antialiased tensor resize follows): window [int(c - s + 0.5), int(c + s + 0.5)) clipped
+    to the image, triangle weights filter((x + xmin - c + 0.5) / max(scale, 1)), normalised."""
+    scale = in_size / out_size
+    support = max(scale, 1.0)
+    out = np.zeros((out_size, in_size))
+    for i in range(out_size):
+        centre = (i + 0.5) * scale
+        xmin = max(int(centre - support + 0.5), 0)
+        xmax = min(int(centre + support + 0.5), in_size)
+        ws = [max(0.0, 1.0 - abs((x + xmin - centre + 0.5) / support)) for x in range(xmax - xmin)]
+        out[i, xmin:xmax] = np.array(ws) / sum(ws)
+    return out
 
 
-def reference_crop(img: np.ndarray, box, size: int) -> np.ndarray:
-    """float64 model of the documented resampling: per output pixel, the mean of ceil(box/size)^2 bilinear
-    samples at half-pixel centres inside its bin, clamped to the image edge."""
-    y0, x0, h, w = box
-    gy, gx = math.ceil(h / size), math.ceil(w / size)
-    oy = np.arange(size)[:, None] + (np.arange(gy)[None, :] + 0.5) / gy  # (size, gy) bin-relative positions
-    ox = np.arange(size)[:, None] + (np.arange(gx)[None, :] + 0.5) / gx
-    ys = (y0 - 0.5 + oy * h / size).reshape(-1)
-    xs = (x0 - 0.5 + ox * w / size).reshape(-1)
-    s = _bilinear_clamped(img, ys[:, None], xs[None, :])  # (C, size*gy, size*gx)
-    return s.reshape(img.shape[0], size, gy, size, gx).mean(axis=(2, 4)) / 255.0
+def pil_crop_resize(img: np.ndarray, box, size: int) -> np.ndarray:
+    """float64 C x size x size: crop the integer box, then PIL's separable bilinear resample, in 0..1."""
+    y0, x0, h, w = (int(v) for v in box)
+    crop = img[:, y0:y0 + h, x0:x0 + w]
+    return np.einsum("sh,chw,tw->cst", _pil_weights(h, size), crop, _pil_weights(w, size)) / 255.0
 
 
-def test_crop_resize_matches_float64_reference_on_an_edge_padded_batch():
+def test_crop_resize_matches_pil_and_torchvision_on_an_edge_padded_batch():
     rng = np.random.default_rng(0)
     shapes = [(30, 41), (52, 25), (17, 60)]
     imgs = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
     batch = torch.from_numpy(ops.pad_batch(imgs))
-    # Boxes that touch the right/bottom edge (where the padding is read), fractional pre-shrunk boxes,
-    # enlargements (g = 1) and reductions (g = 2, 3).
-    boxes = torch.tensor([[5.0, 11.0, 25.0, 30.0], [0.0, 0.0, 52.0, 25.0], [3.5, 7.25, 10.5, 40.0]])
+    # Boxes touching the right/bottom edge (the padding beyond must not be read), enlargements and reductions
+    # by non-integer factors in either direction.
+    boxes = torch.tensor([[5.0, 11.0, 25.0, 30.0], [0.0, 0.0, 52.0, 25.0], [3.0, 7.0, 10.0, 40.0]])
+    # fp32 sums of up to ~60 products of 0-255 values: ~60 x 255 x 6e-8 / 255 ~ 4e-6, so 1e-5.
     for size in (8, 16, 29):
         out = ops.crop_resize(batch, boxes, size)
         for i, img in enumerate(imgs):
-            ref = reference_crop(img.transpose(2, 0, 1).astype(np.float64), boxes[i].tolist(), size)
-            # float32 sample coordinates are off by up to ~60 px * 6e-8 = 4e-6 px; at a slope of at most
-            # one full range per pixel that is 4e-6 in value, so 1e-5.
-            np.testing.assert_allclose(out[i].numpy(), ref, rtol=0, atol=1e-5)
+            chw = img.transpose(2, 0, 1)
+            np.testing.assert_allclose(out[i].numpy(), pil_crop_resize(chw.astype(np.float64), boxes[i].tolist(),
+                                                                       size), rtol=0, atol=1e-5)
+            y0, x0, h, w = (int(v) for v in boxes[i].tolist())
+            ref = TF.resized_crop(torch.from_numpy(chw).float(), y0, x0, h, w, [size, size], antialias=True)
+            torch.testing.assert_close(out[i], (ref / 255).clamp(0, 1), rtol=0, atol=1e-5)
+
+
+def test_fractional_boxes_read_only_their_pixels_and_interpolate_linearly():
+    # The torch backend's pre-shrunk regions give fractional boxes. Closed forms: enlarging is linear
+    # interpolation, so a ramp I(y, x) = x (pixel x centred at x + 0.5) comes back as the output pixels' centres
+    # x0 + (j + 0.5) w / S - 0.5 wherever both neighbours are in the box; and whatever the scale, pixels whose
+    # centres lie outside the box are never read (a spike of 10^4 there would show), a constant stays constant.
+    size, hgt, wid = 12, 40, 90
+    ramp = torch.arange(wid, dtype=torch.float32).expand(1, 3, hgt, wid).contiguous()
+    x0, w = 10.25, 9.5
+    out = ops.crop_resize(ramp, torch.tensor([[0.75, x0, 20.25, w]]), size)[0, 0] * 255
+    centres = x0 + (np.arange(size) + 0.5) * w / size
+    interior = (centres - 1 >= np.ceil(x0 - 0.5) + 0.5) & (centres + 1 <= np.floor(x0 + w - 0.5) + 0.5)
+    assert interior.sum() >= size // 2
+    np.testing.assert_allclose(out.numpy()[:, interior], np.broadcast_to(centres - 0.5, (size, size))[:, interior],
+                               rtol=0, atol=1e-4)
+    for box in ((3.5, 7.25, 30.5, 70.0), (0.75, 10.25, 20.25, 9.5)):
+        y0, x0, h, w = box
+        img = torch.full((1, 3, hgt, wid), 100.0)
+        ys, xs = torch.arange(hgt) + 0.5, torch.arange(wid) + 0.5
+        outside = ~(((ys >= y0) & (ys < y0 + h))[:, None] & ((xs >= x0) & (xs < x0 + w))[None, :])
+        img[:, :, outside] = 1e4
+        torch.testing.assert_close(ops.crop_resize(img, torch.tensor([box]), size) * 255,
+                                   torch.full((1, 3, size, size), 100.0), rtol=0, atol=1e-3)
 
 
 def test_identity_box_equals_source_resize():
@@ -260,18 +286,10 @@ def test_identity_box_equals_source_resize():
     sq = img[:, :, :, :20]
     sq_box = torch.tensor([[0.0, 0.0, 20.0, 20.0]] * 2)
     torch.testing.assert_close(ops.crop_resize(sq, sq_box, 20), sq.float() / 255, rtol=0, atol=1e-6)
-    for size in (33, 47):
+    # Shrinking, by an integer factor or not: torchvision's antialiased (triangle-filter) resize.
+    for size in (33, 47, 10, 7):
         ref = TF.resize(sq.float() / 255, [size, size], antialias=True)
         torch.testing.assert_close(ops.crop_resize(sq, sq_box, size), ref, rtol=0, atol=1e-5)
-    # Halving: exactly the 2 x 2 area mean (box filter); torchvision's antialiased triangle filter is a
-    # different low-pass, so only its mean error on a smooth image is bounded (1/255 on a 0..1 scale).
-    torch.testing.assert_close(ops.crop_resize(sq, sq_box, 10), torch.nn.functional.avg_pool2d(sq.float() / 255, 2),
-                               rtol=0, atol=1e-6)
-    yy, xx = torch.meshgrid(torch.arange(40.0), torch.arange(40.0), indexing="ij")
-    smooth = (127.5 + 120 * torch.sin(yy / 5) * torch.cos(xx / 7)).round().to(torch.uint8).expand(1, 3, 40, 40)
-    ref = TF.resize(smooth.float() / 255, [17, 17], antialias=True)
-    err = (ops.crop_resize(smooth, torch.tensor([[0.0, 0.0, 40.0, 40.0]]), 17) - ref).abs().mean()
-    assert err < 1 / 255, float(err)
 
 
 def _single_op_outputs(view: ViewSpec, n: int, seed: int = 0):

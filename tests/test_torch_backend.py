@@ -186,9 +186,9 @@ def ramp(i, h, w):
 def read_boxes(view: torch.Tensor) -> np.ndarray:
     """(y0, x0, h, w) per sample from a view of ramp images (mean 0, std 1 normalisation).
 
-    Output pixel j samples the bin centred at x0 - 0.5 + (j + 0.5) w / size, and bilinear and box filters
-    reproduce a linear ramp exactly, so a line fit over the interior half (away from edge clamping) gives
-    slope w / size and intercept x0."""
+    Output pixel j is centred at x0 - 0.5 + (j + 0.5) w / size, and the resampling filter reproduces a linear
+    ramp there (exactly when enlarging, to a fraction of a pixel when shrinking), so a line fit over the
+    interior half (away from the box edges) gives slope w / size and intercept x0."""
     size = view.shape[-1]
     j = np.arange(size // 4, 3 * size // 4)
     out = []
@@ -224,8 +224,10 @@ def test_crop_statistics_end_to_end_match_torchvision(tmp_path):
     for view_boxes, (scale, ratio) in zip(boxes, settings):
         view_boxes = np.concatenate(view_boxes)
         # Read-back boxes are torchvision's integer boxes inside the image (boxes >= 64 px at size 16 went
-        # through the integer pre-shrink, which must not move them).
-        assert np.abs(view_boxes - np.round(view_boxes)).max() < 0.05
+        # through the integer pre-shrink, which must not move them). To 0.4 px, not exactly: the triangle
+        # filter sampled at pixel centres reproduces a ramp only approximately when shrinking 4-6x (torchvision's
+        # own resized_crop of these ramps reads back within 0.19 px; these views, pre-shrink included, 0.29).
+        assert np.abs(view_boxes - np.round(view_boxes)).max() < 0.4
         view_boxes = np.round(view_boxes)
         assert np.all(view_boxes[:, :2] >= 0) and np.all(view_boxes[:, :2] + view_boxes[:, 2:] <= hw)
         ref_hw = np.tile(hw, (4, 1))
