@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from fastssl.errors import UserError, raise_together
-from fastssl.fileio import fsync_folder, write_atomic
+from fastssl.fileio import fsync, fsync_folder, write_atomic
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _TMP_DIR = re.compile(r"^\.tmp-step_(\d{8})$")
@@ -122,7 +122,7 @@ def _fsync_tree(folder: Path) -> None:
             fsync_folder(path)
         else:
             with open(path, "rb") as f:
-                os.fsync(f.fileno())
+                fsync(f.fileno())
     fsync_folder(folder)
 
 

@@ -4,6 +4,7 @@ of a killed writer found again."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -37,7 +38,7 @@ def _write_atomic(path: Path, data: str | bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: after a power cut, the old file or the whole new one
+            fsync(f.fileno())  # on disk before the rename: after a power cut, the old file or the whole new one
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -45,11 +46,21 @@ def _write_atomic(path: Path, data: str | bytes) -> None:
     fsync_folder(path.parent)
 
 
+def fsync(fd: int) -> None:
+    """os.fsync, where the file system can sync: some (FUSE mounts of object stores) refuse it with EINVAL or
+    ENOTSUP, and durability there is theirs to give. A failed write (EIO, ENOSPC) still raises."""
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+
+
 def fsync_folder(folder: str | os.PathLike) -> None:
     """Make the renames and removals in `folder` durable (a power cut after a rename could otherwise undo it)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        fsync(fd)
     finally:
         os.close(fd)
 

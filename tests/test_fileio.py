@@ -27,6 +27,30 @@ def test_write_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
     assert path.read_text() == "first" and [p.name for p in path.parent.iterdir()] == ["r.json"]
 
 
+def test_write_atomic_syncs_where_the_file_system_can(tmp_path, monkeypatch):
+    # Some FUSE mounts refuse fsync (EINVAL): the write still lands; a sync that fails for real (EIO) is refused.
+    import errno
+
+    path = tmp_path / "r.json"
+    synced = []
+
+    def refuses(fd):
+        synced.append(fd)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "fsync", refuses)
+    write_atomic(path, "first")
+    assert path.read_text() == "first" and len(synced) == 2  # the file, then its folder
+
+    def fails(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fails)
+    with pytest.raises(UserError, match="cannot write .*r.json.*Input/output error"):
+        write_atomic(path, "second")
+    assert path.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
 def _a_file(tmp):
     (tmp / "afile").write_text("x")
     return tmp / "afile" / "sub" / "x.json"
