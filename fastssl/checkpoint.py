@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -169,7 +170,9 @@ def load_encoder_checkpoint(path: str | os.PathLike) -> dict:
     """The saved encoder file as a dict: {"encoder": state_dict, "config": dict, "step": int}."""
     f = _find_encoder_file(path)
     try:
-        ckpt = torch.load(f, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol notice: the error below says what matters
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            ckpt = torch.load(f, map_location="cpu", weights_only=True)
     except UNREADABLE_ERRORS as e:  # say which file and why, not a pickle traceback
         if isinstance(e, pickle.UnpicklingError):  # torch's text advises weights_only=False: wrong for a bad file
             why = "the weights-only unpickler rejected its contents"

@@ -113,6 +113,18 @@ def test_a_readable_file_that_is_not_an_encoder_checkpoint_says_so(tmp_path, con
     assert ("it looks like accelerate's training state: pass its step_* folder" in msg) == hint and "\n" not in msg
 
 
+def test_a_foreign_pickle_is_one_line_without_torchs_protocol_notice(tmp_path):
+    import pickle
+    import warnings
+
+    f = tmp_path / "other.pkl"
+    f.write_bytes(pickle.dumps({"weights": [1, 2]}, protocol=4))  # torch's loader warns on protocols > 2
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(UserError, match="cannot read checkpoint"):
+        warnings.simplefilter("always")
+        load_encoder_checkpoint(f)
+    assert [str(w.message) for w in seen] == []
+
+
 def test_a_hand_edited_config_is_named_not_a_traceback(tmp_path):
     f = tmp_path / "model.pt"
     torch.save({"encoder": {"w": torch.zeros(1)}, "config": "resnet18", "step": 1}, f)
