@@ -103,10 +103,8 @@ def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, encoder:
                     shutil.rmtree(final)
                 os.rename(tmp, final)
                 write_atomic(ckpt / "latest", final.name + "\n")  # fsyncs the folder, so the rename too
-            except OSError as e:
+            except (OSError, UserError) as e:  # UserError: write_atomic's refused write of `latest`
                 failure = refused(e)
-            except UserError as e:  # write_atomic's refused write
-                failure = refused(OSError(str(e)))
             else:
                 for old in list_checkpoints(run_dir)[:-max(1, keep)]:
                     shutil.rmtree(old, ignore_errors=True)
@@ -136,6 +134,8 @@ def _write_failure(error: Exception, accelerator, run_dir: Path, target: Path) -
     """The one-line message for a checkpoint the disk refused; None when `error` is not a failed write (a bug)."""
     if isinstance(error, OSError):
         why = error.strerror or str(error)
+    elif isinstance(error, UserError):  # already the reason, in one line (write_atomic's)
+        why = str(error)
     elif any(m in str(error) for m in _TORCH_WRITE_FAILED):
         try:  # measured now, while the partial files still take their space
             free = f" with {shutil.disk_usage(target.parent).free / 2**20:.1f} MiB free on its disk"
