@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port
+from conftest import end_process_group, free_port
 
 WORLD, N_LOCAL, IN, D, QUEUE = 2, 5, 12, 16, 9
 FORMS = ("nt_xent", "info_nce", "info_nce_queue")
@@ -61,7 +61,7 @@ def _worker(out_dir: Path) -> None:
         results["single"] = {(f, i): _run(f, i, 0, 1, ddp=False) for f in FORMS for i in IMPLS}
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     results["dist"] = {(f, i): _run(f, i, rank, WORLD, ddp=True) for f in FORMS for i in IMPLS}
-    dist.destroy_process_group()
+    end_process_group()
     torch.save(results, out_dir / f"rank{rank}.pt")
 
 

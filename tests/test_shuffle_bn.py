@@ -67,13 +67,15 @@ def test_no_gradient_reaches_the_key_network():
 def _two_process_worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
+    from conftest import end_process_group
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     x = torch.randn(16, 3, generator=torch.Generator().manual_seed(0)) * 2 + 1
     bn = nn.BatchNorm1d(3, affine=False)
     out = shuffled_forward(bn, x[rank * 8:(rank + 1) * 8], splits=4, generator=torch.Generator().manual_seed(7))
     torch.save(out, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    end_process_group()
 
 
 @pytest.mark.dist
