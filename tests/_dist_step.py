@@ -1,6 +1,6 @@
 """One optimiser step of a method on a fixed global batch, on 1 process or under torchrun (each rank takes its
-contiguous chunk, as pipelines.base.shard_batches does). Writes the loss (mean over ranks) and the updated
-parameters from rank 0. With a third argument `manual`, DDP's gradient reduction is replaced by a plain
+contiguous chunk, as pipelines.base.shard_batches does). Writes the loss (mean over ranks) and the parameters
+before and after the step from rank 0. With a third argument `manual`, DDP's gradient reduction is replaced by a plain
 all-reduce of the same local gradients (the oracle for DDP's own); with `compiled`, the networks go through
 the trainer's compile_networks first. Used by tests/test_distributed.py; not a test module itself."""
 
@@ -42,6 +42,7 @@ def main(out: str, method_name: str, reduction: str = "ddp") -> None:
     opt = build_optimizer(cfg.optim, method, lr=0.5)
     method, opt = acc.prepare(method, opt)
 
+    before = {k: v.detach().clone() for k, v in acc.unwrap_model(method).state_dict().items()}
     g = torch.Generator().manual_seed(123)
     views = tuple(torch.randn(8, 3, 16, 16, generator=g) for _ in range(2))
     r, w = acc.process_index, acc.num_processes
@@ -65,7 +66,7 @@ def main(out: str, method_name: str, reduction: str = "ddp") -> None:
         ddp = {k: getattr(method, k) for k in ("broadcast_buffers", "gradient_as_bucket_view")} if w > 1 else {}
         from torch._dynamo.utils import counters
 
-        torch.save({"loss": loss, "state": state, "world": w, "ddp": ddp,
+        torch.save({"loss": loss, "state": state, "before": before, "world": w, "ddp": ddp,
                     "graphs": counters["stats"]["unique_graphs"]}, out)
     acc.wait_for_everyone()
 

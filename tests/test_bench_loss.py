@@ -56,6 +56,29 @@ def test_a_triton_record_names_the_kernels_dot_precision(monkeypatch):
     assert {r["impl"] for r in record.figures if r["skipped"] is None} == {"naive", "triton"}
 
 
+def test_the_sweep_covers_every_n_d_and_impl_and_plots_log_log(monkeypatch):
+    # The grid and the plot's axes; the measurement itself (a child process per point) is replaced by a closed
+    # form, so each row can be checked to carry its own point's figures.
+    monkeypatch.setattr(bench_loss, "_measure", lambda p, timeout: dict(
+        time_s=p["n"] * 1e-6, peak_mib=p["n"] * p["d"] * 1e-5 / (1 if p["impl"] == "naive" else 16),
+        loss_value=1.0, skipped=None))
+    args = SimpleNamespace(device="cpu", loss="nt_xent", dtype="fp32", temperature=0.1, repeats=1,
+                           max_seconds=60.0, n="1024,4096", d="64,128", impl="naive,chunked")
+    record = bench_loss.run(args)
+    rows = {(r["impl"], r["n"], r["d"]): r for r in record.figures}
+    assert set(rows) == {(i, n, d) for i in ("naive", "chunked") for n in (1024, 4096) for d in (64, 128)}
+    for (impl, n, d), r in rows.items():
+        assert r["peak_mib"] == n * d * 1e-5 / (1 if impl == "naive" else 16) and r["time_s"] == n * 1e-6
+        assert r["memory_saving"] == pytest.approx(1 if impl == "naive" else 16)
+    panels = []
+    monkeypatch.setattr(bench_loss, "save_plot", lambda path, p, suptitle="": panels.extend(p))
+    bench_loss.plot(record, "unused.png")
+    assert [(p.logx, p.logy) for p in panels] == [(True, True), (True, True)]  # log-log, memory and time
+    memory = panels[0].series
+    assert set(memory) == {f"{i} D={d}" for i in ("naive", "chunked") for d in (64, 128)}
+    assert memory["chunked D=128"] == ([1024, 4096], [1024 * 128 * 1e-5 / 16, 4096 * 128 * 1e-5 / 16])
+
+
 def _cfg(**kw):
     return dict(dict(repeats=2, max_seconds=60.0), **kw)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, free_port
+from conftest import ROOT, end_process_group, free_port
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -66,12 +66,22 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(method, tmp_p
     assert two["ddp"] == {"broadcast_buffers": False, "gradient_as_bucket_view": True}
     torch.testing.assert_close(two["loss"], one["loss"], rtol=1e-5, atol=1e-6)
     assert one["state"].keys() == two["state"].keys()
-    moved = 0
+    # The update itself, not only the weights after it: LARS moves a weight matrix by ~5e-4 of its norm, about
+    # the weights' own tolerance, so an update that was wrong or missing could hide in the weights' comparison.
+    # Float reordering across 2 ranks changes a weight by ~1e-7 of itself, and so an update that is at least
+    # 1e-4 of the weights by ~1e-3 of itself.
+    moved = []
     for k, v in one["state"].items():
         if v.is_floating_point():
+            torch.testing.assert_close(two["before"][k], one["before"][k], rtol=0, atol=0, msg=k)  # same init
             torch.testing.assert_close(two["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
-            moved += 1
-    assert moved > 10
+            d1, d2 = (x.double() - one["before"][k].double() for x in (v, two["state"][k]))
+            if d1.norm() > 1e-4 * one["before"][k].double().norm():  # well above the weights' fp32 rounding
+                assert (d2 - d1).norm() < 1e-2 * d1.norm(), (k, float((d2 - d1).norm() / d1.norm()))
+                moved.append(k)
+    # Every kind of parameter moved: LARS's weight matrices and its plain-SGD 1-D parameters (which would show a
+    # wrong gradient scale, as LARS's trust ratio hides one in the matrices).
+    assert any(k.endswith("conv1.weight") for k in moved) and any(k.endswith(".bias") for k in moved), moved
 
 
 @pytest.mark.compile
@@ -219,7 +229,7 @@ def _agreement_worker(rank: int, init_file: str, out_dir: str) -> None:
     except UserError as e:
         seen["raised"] = str(e)
     torch.save(seen, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    end_process_group()
 
 
 def test_a_failure_or_stop_signal_on_one_rank_reaches_every_rank_and_main_decides(tmp_path):
@@ -280,7 +290,7 @@ def _mocov2_queue_worker(rank: int, init_file: str, out_dir: str) -> None:
     method(local)
     method.after_step(0, 1)
     torch.save({"queue": method.queue.ordered().clone(), "ptr": int(method.queue.ptr)}, f"{out_dir}/queue{rank}.pt")
-    dist.destroy_process_group()
+    end_process_group()
 
 
 def test_mocov2_queue_on_two_processes_takes_the_whole_global_batchs_keys_in_rank_order(tmp_path):

@@ -13,8 +13,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from test_convert_ffcv import make_image_folder, source_samples
+from test_convert_ffcv import make_image_folder, smooth_image, source_samples
 from test_ops import box_features, ks_critical, ks_statistic
 
 ffcv = pytest.importorskip("ffcv")
@@ -198,6 +199,52 @@ def test_grayscale_rate_matches_the_spec(raw_loader):
                 n += x.shape[0]
     # n = 1920 Bernoulli(0.2) draws: sd = sqrt(0.2 * 0.8 / n) ~ 0.009; 4.5 sd.
     assert abs(gray / n - spec.views[0].gray_p) < 4.5 * math.sqrt(0.16 / n), gray / n
+
+
+def test_flip_gray_and_solarize_rates_on_the_views(tmp_path_factory):
+    """Each view of the loader's output is exactly one of the 8 flip x gray x solarise outcomes of its source
+    image (square images, whole-image crops at their own size: no resampling), computed here in float64 from
+    the PNG's pixels with torchvision's luma weights; the rates of each outcome match the spec (binomial)."""
+    import dataclasses
+
+    from fastssl.data.beton import convert_image_folder
+    from pipelines.augment import AugmentSpec, ViewSpec
+
+    size = 20
+    root = tmp_path_factory.mktemp("ffcv_rates")
+    rng = np.random.default_rng(5)
+    for i in range(16):
+        (root / "if" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(smooth_image(rng, size, size)).save(root / "if" / f"c{i % 2}" / f"{i:02d}.png")
+    beton = convert_image_folder(root / "if", root / "sq.beton", write_mode="raw", page_mib=2).path
+    source = np.stack([img for img, _ in source_samples(root / "if")]).transpose(0, 3, 1, 2) / 255.0
+    plain = ViewSpec(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0.0, blur_p=0.0)
+    view = dataclasses.replace(plain, flip_p=0.5, gray_p=0.3, solarize_p=0.4)
+    spec = AugmentSpec(size, (view, view))
+    loader = make_loader(beton, spec=spec)
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
+    luma = np.array([0.299, 0.587, 0.114]).reshape(3, 1, 1)
+    outcomes = []
+    for epoch in range(12):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            for v in batch.views:
+                x = (v.double() * std + mean).numpy()
+                for n, i in enumerate(batch.indices.tolist()):
+                    errors = {}
+                    for f in (False, True):
+                        for g in (False, True):
+                            b = source[i][:, :, ::-1] if f else source[i]
+                            b = np.repeat((b * luma).sum(0, keepdims=True), 3, 0) if g else b
+                            for s in (False, True):
+                                errors[f, g, s] = np.abs(x[n] - (np.where(b >= 0.5, 1 - b, b) if s else b)).max()
+                    ranked = sorted(errors, key=errors.get)
+                    assert errors[ranked[0]] < 1e-4 < errors[ranked[1]], errors  # exactly one outcome fits
+                    outcomes.append(ranked[0])
+    got = np.array(outcomes, dtype=np.float64)
+    n = len(got)  # 12 epochs x 16 images x 2 views = 384
+    for k, p in enumerate((view.flip_p, view.gray_p, view.solarize_p)):
+        assert abs(got[:, k].mean() - p) < 4.5 * math.sqrt(p * (1 - p) / n), (k, got[:, k].mean())
 
 
 def test_resume_mid_epoch_gives_the_same_batches_and_views(raw_loader):

@@ -148,6 +148,8 @@ def test_build_rejects_bad_settings(folder, tmp_path):
     two = [collect(loader_for(folder, batch=6, drop_last=False, ctx=LoaderContext(CPU, process_index=r,
                                                                                 num_processes=2))) for r in (0, 1)]
     assert [len(b[-1][2]) for b in two] == [1, 1]
+    seen = [i for batches in two for _, _, idx in batches for i in idx.tolist()]
+    assert sorted(seen) == list(range(20))  # every image once over the two ranks
     with pytest.raises(UserError, match="last global batch of 2 images .* 3 processes cannot share equally"):
         loader_for(folder, batch=6, drop_last=False, ctx=LoaderContext(CPU, num_processes=3))
 

@@ -263,6 +263,15 @@ def test_training_guards(tiny_data, tmp_path, monkeypatch):
         train(_cfg(tiny_data, tmp_path / "c", "eval.knn_val_path="))
 
 
+def test_allowed_grad_accum_says_what_it_changes(tiny_data, tmp_path, capsys):
+    train(_cfg(tiny_data, tmp_path / "run", "train.grad_accum=2", "train.allow_grad_accum=true", "train.max_steps=1",
+               "eval.knn_val_path="))
+    out = capsys.readouterr().out
+    assert "global batch 8 = 1 process(es) x 8 in 2 micro-batches of 4" in out, out
+    assert "warning: gradient accumulation changes the loss: each micro-batch's negatives are only its own " \
+           "samples, not the global batch" in out, out
+
+
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(_cfg(tiny_data, out, "train.max_steps=4", "train.stop_after_steps=2", "eval.knn_val_path="))
