@@ -87,6 +87,8 @@ def test_round_trip_jpeg_keeps_labels_and_pixels(folder, tmp_path):
     assert "12 images in 3 classes" in proc.stdout and "skipped 1 corrupt" in proc.stdout, proc.stdout
     assert f"skipped corrupt image {folder / 'c0' / 'zz_bad.jpg'}" in proc.stderr
     assert not [p for p in os.listdir(tmp_path) if p != "d.beton"], "temporary file left behind"
+    assert f"{out.stat().st_size / 2**20:.1f} MiB" in proc.stdout, proc.stdout  # the size of what it wrote
+    assert "12/12" in proc.stderr, proc.stderr  # ffcv's progress bar reached every image
     stored, source = stored_samples(out), source_samples(folder)
     assert len(stored) == len(source) == 12
     for (img, label, mode), (src, src_label) in zip(stored, source):

@@ -195,6 +195,21 @@ def test_gpu_graph_is_well_formed_without_a_gpu(name, monkeypatch):
     assert [node.device for node in pipe._graph_outputs] == ["gpu"] * len(spec.views) + ["cpu"]
 
 
+@pytest.mark.dali
+def test_a_gpu_pipeline_that_cannot_start_is_one_line_naming_the_cpu_mode():
+    # Past the trainer's own GPU check (a machine whose torch sees a GPU but whose DALI cannot use it): DALI's
+    # backend refuses to build; here, with no CUDA at all, it refuses for real.
+    pytest.importorskip("nvidia.dali")
+    from pipelines.dali import DaliViewLoader
+
+    ctx = LoaderContext(torch.device("cuda", 0), 0, 1, 0)
+    with pytest.raises(UserError) as e:
+        DaliViewLoader(list(range(8)), preset("simclr", S), ctx, 4, True, "gpu", 1, 2, 0.65)
+    message = str(e.value)
+    assert message.startswith("DALI could not start its GPU pipeline on cuda:0 (") and "\n" not in message
+    assert message.endswith("; set data.device=cpu to run it on the CPU"), message
+
+
 def _ks(a: np.ndarray, b: np.ndarray) -> float:
     grid = np.concatenate([a, b])
     return float(np.abs(np.searchsorted(np.sort(a), grid, "right") / len(a)
