@@ -272,6 +272,24 @@ def test_allowed_grad_accum_says_what_it_changes(tiny_data, tmp_path, capsys):
            "samples, not the global batch" in out, out
 
 
+def test_every_way_out_of_training_tears_the_process_groups_down(tiny_data, tmp_path, monkeypatch):
+    # Every return path of train() goes through _leave_together once (barrier, then accelerate's end_training):
+    # a 2-process CPU run that exited with its gloo groups alive aborted at exit now and then (SIGABRT after a
+    # good run). The real teardown runs in tests/test_distributed.py's 2-process runs.
+    from fastssl import train as train_mod
+
+    calls = []
+    monkeypatch.setattr(train_mod, "_leave_together", lambda accelerator: calls.append(accelerator))
+    out = tmp_path / "run"
+    ways = [("train.stop_after_steps=2",),  # stopped, asked for
+            ("train.stop_after_steps=2", f"resume={out}"),  # already there: nothing to do
+            (f"resume={out}",),  # to the end
+            (f"resume={out}",)]  # finished before: nothing to do
+    for i, extra in enumerate(ways, 1):
+        train(_cfg(tiny_data, out, "eval.knn_val_path=", *extra))
+        assert len(calls) == i, extra
+
+
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(_cfg(tiny_data, out, "train.max_steps=4", "train.stop_after_steps=2", "eval.knn_val_path="))
