@@ -24,8 +24,8 @@ from fastssl.preempt import StopRequest
 from fastssl.recipe_checks import check_recipe
 from fastssl.rundir import prepare_run_dir, stopped_before_first_checkpoint
 from fastssl.schedule import lr_at, scaled_lr
-from fastssl.step import (build_training_method, channels_last_views, compile_networks, make_accelerator,
-                          optimizer_step, step_logs)
+from fastssl.step import (build_training_method, channels_last_views, compile_networks, leave_together,
+                          make_accelerator, optimizer_step, step_logs)
 
 from pipelines.augment import spec_for
 from pipelines.base import LoaderContext, build_loader
@@ -101,15 +101,6 @@ def _say_where_on_interrupt(state, run_dir: Path, world: int, main: bool):
                   + (f"the last checkpoint is {last.name}; {resume_hint(run_dir, world)}" if last else
                      "no checkpoint yet: the same command starts the run again"), flush=True)
         raise
-
-
-def _leave_together(accelerator) -> None:
-    """Every process reaches this point, then the process groups are torn down (accelerate's end_training). A
-    process that exited with its gloo groups alive while the other was still finishing aborted now and then:
-    `terminate called without an active exception`, SIGABRT, a failed job after a good run (3 of 40 2-process
-    CPU runs stopped by train.stop_after_steps; 0 of 40 with this, the two interleaved)."""
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
 
 
 def _stopped_by(signal_name: str, step: int, total: int, run_dir: Path, world: int, main: bool) -> dict:
@@ -197,7 +188,7 @@ def train(cfg: Config) -> dict:
     finished = resuming and state.step >= stop_at  # nothing to train (every rank loaded the same step)
     summary_file = run_dir / "summary.json"
     if finished and (state.step < total or from_main(accelerator, summary_file.is_file())):
-        _leave_together(accelerator)
+        leave_together()
         if not main:
             return {"stopped_at_step": state.step} if state.step < total else {"steps": state.step}
         # leave the checkpoints and the summary as they are
@@ -304,7 +295,7 @@ def train(cfg: Config) -> dict:
     wall = time.time() - t_start
     # Here, not after the main process's final kNN evaluation: the others leave now rather than wait for it at
     # a barrier (on ImageNet the kNN bank is the whole train set, longer than a collective's 10-min timeout).
-    _leave_together(accelerator)
+    leave_together()
     if stop_signal and (state.step < total or knn_sets is not None):  # at the end, only the evaluation is left
         return _stopped_by(stop_signal, state.step, total, run_dir, world, main)
     if state.step < total:

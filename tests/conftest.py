@@ -129,16 +129,6 @@ def save_perturbed_encoder(file: Path, cfg, image_size: int, step: int = 7):
     return enc
 
 
-def end_process_group() -> None:
-    """Tear a test worker's process group down once every rank is done with it. Without the barrier a rank that
-    destroyed its group while the other was still finishing aborted at exit now and then (`terminate called
-    without an active exception`, ~5% of runs of test_losses_dist's DDP worker; 0 of 80 with it)."""
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 def free_port() -> int:
     """A TCP port nothing listens on now, for a process group's rendezvous."""
     import socket

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, end_process_group, free_port
+from conftest import ROOT, free_port
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -210,6 +210,7 @@ def _agreement_worker(rank: int, init_file: str, out_dir: str) -> None:
 
     from fastssl.errors import UserError
     from fastssl.errors import from_main, raise_together
+    from fastssl.step import leave_together
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     acc = types.SimpleNamespace(num_processes=2)
@@ -229,7 +230,7 @@ def _agreement_worker(rank: int, init_file: str, out_dir: str) -> None:
     except UserError as e:
         seen["raised"] = str(e)
     torch.save(seen, f"{out_dir}/rank{rank}.pt")
-    end_process_group()
+    leave_together()
 
 
 def test_a_failure_or_stop_signal_on_one_rank_reaches_every_rank_and_main_decides(tmp_path):
@@ -277,6 +278,7 @@ def _mocov2_queue_worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     from fastssl.methods import build_method
+    from fastssl.step import leave_together
     from pipelines.base import ViewBatch
 
     torch.set_num_threads(1)
@@ -290,7 +292,7 @@ def _mocov2_queue_worker(rank: int, init_file: str, out_dir: str) -> None:
     method(local)
     method.after_step(0, 1)
     torch.save({"queue": method.queue.ordered().clone(), "ptr": int(method.queue.ptr)}, f"{out_dir}/queue{rank}.pt")
-    end_process_group()
+    leave_together()
 
 
 def test_mocov2_queue_on_two_processes_takes_the_whole_global_batchs_keys_in_rank_order(tmp_path):

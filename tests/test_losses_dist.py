@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import end_process_group, free_port
+from conftest import free_port
 
 WORLD, N_LOCAL, IN, D, QUEUE = 2, 5, 12, 16, 9
 FORMS = ("nt_xent", "info_nce", "info_nce_queue")
@@ -55,13 +55,15 @@ def _run(form: str, impl: str, rank: int, world: int, ddp: bool) -> dict:
 def _worker(out_dir: Path) -> None:
     import torch.distributed as dist
 
+    from fastssl.step import leave_together
+
     rank = int(os.environ["RANK"])
     results = {}
     if rank == 0:  # the single-process reference, before any process group exists
         results["single"] = {(f, i): _run(f, i, 0, 1, ddp=False) for f in FORMS for i in IMPLS}
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     results["dist"] = {(f, i): _run(f, i, rank, WORLD, ddp=True) for f in FORMS for i in IMPLS}
-    end_process_group()
+    leave_together()
     torch.save(results, out_dir / f"rank{rank}.pt")
 
 

@@ -67,7 +67,7 @@ def test_no_gradient_reaches_the_key_network():
 def _two_process_worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from conftest import end_process_group
+    from fastssl.step import leave_together
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -75,7 +75,7 @@ def _two_process_worker(rank: int, init_file: str, out_dir: str) -> None:
     bn = nn.BatchNorm1d(3, affine=False)
     out = shuffled_forward(bn, x[rank * 8:(rank + 1) * 8], splits=4, generator=torch.Generator().manual_seed(7))
     torch.save(out, f"{out_dir}/rank{rank}.pt")
-    end_process_group()
+    leave_together()
 
 
 @pytest.mark.dist

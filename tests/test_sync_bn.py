@@ -58,14 +58,14 @@ def _global_batch():
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from conftest import end_process_group
+    from fastssl.step import leave_together
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     x, upstream = _global_batch()
     rows = slice(rank * ROWS, (rank + 1) * ROWS)
     # Its own group, as convert_global_bn sets it up for the trainer. (With the reductions on the default group, or
-    # without end_process_group's barrier, a rank aborted in teardown now and then: "terminate called without an
+    # without leave_together's barrier, a rank aborted in teardown now and then: "terminate called without an
     # active exception".)
     GlobalBatchNorm.group = dist.new_group(backend="gloo")
     bn = GlobalBatchNorm(len(OFFSETS))
@@ -75,7 +75,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     y = bn(xr)
     (y * torch.from_numpy(upstream[rows])).sum().backward()  # each rank its part of one global objective
     torch.save({"y": y.detach(), "grad": xr.grad, "running_var": bn.running_var}, f"{out_dir}/rank{rank}.pt")
-    end_process_group()  # both ranks done with every group before either tears them down
+    leave_together()  # both ranks done with every group before either tears them down
 
 
 @pytest.mark.dist

@@ -273,13 +273,13 @@ def test_allowed_grad_accum_says_what_it_changes(tiny_data, tmp_path, capsys):
 
 
 def test_every_way_out_of_training_tears_the_process_groups_down(tiny_data, tmp_path, monkeypatch):
-    # Every return path of train() goes through _leave_together once (barrier, then accelerate's end_training):
+    # Every return path of train() goes through leave_together once (barrier, then the groups' teardown):
     # a 2-process CPU run that exited with its gloo groups alive aborted at exit now and then (SIGABRT after a
     # good run). The real teardown runs in tests/test_distributed.py's 2-process runs.
     from fastssl import train as train_mod
 
     calls = []
-    monkeypatch.setattr(train_mod, "_leave_together", lambda accelerator: calls.append(accelerator))
+    monkeypatch.setattr(train_mod, "leave_together", lambda: calls.append(1))
     out = tmp_path / "run"
     ways = [("train.stop_after_steps=2",),  # stopped, asked for
             ("train.stop_after_steps=2", f"resume={out}"),  # already there: nothing to do
